@@ -1,0 +1,61 @@
+/*
+ * event_virtual: the contract between the C shim (src/shim.c) and the Rust
+ * side of the module.
+ *
+ * The shim owns everything that needs OpenSIPS's macros: the module's
+ * version and compile flags, the modparam table, shm_malloc/shm_free and
+ * the LM_* log macros.  Rust owns the transport hooks and all the logic.
+ * Both sides include nothing else from each other.
+ */
+#ifndef EVENT_VIRTUAL_SHIM_H
+#define EVENT_VIRTUAL_SHIM_H
+
+#include <stddef.h>
+
+#include "sr_module.h"
+#include "evi/evi_transport.h"
+
+/* ---- defined in C (src/shim.c), used by Rust ---- */
+
+/* ver_info strings, built from the OpenSIPS tree's own definitions */
+extern const char evv_full_version[];
+extern const char evv_compile_flags[];
+extern const char evv_scm_type[];
+extern const char evv_scm_rev[];
+
+extern const param_export_t evv_params[];
+
+int evv_mod_init(void);
+void evv_destroy(void);
+
+/* log levels, the values of OpenSIPS's L_* constants */
+enum evv_log_level {
+	EVV_L_ERR = -1,
+	EVV_L_WARN = 1,
+	EVV_L_NOTICE = 2,
+	EVV_L_INFO = 3,
+	EVV_L_DBG = 4,
+};
+
+/* one log line through LM_*; msg need not be NUL terminated */
+void evv_log(int level, const char *msg, int len);
+/* whether a line at this level would be printed now (log_level can change
+ * at run time, so this is asked every time) */
+int evv_log_enabled(int level);
+
+void *evv_shm_malloc(size_t size);
+void evv_shm_free(void *p);
+
+/* ---- defined in Rust (src/ffi.rs), used by C ---- */
+
+/* called from mod_init with the validated modparams; 0 on success */
+int evv_rs_init(unsigned int failover_timeout_s);
+
+evi_reply_sock *evv_rs_parse(str socket);
+str evv_rs_print(evi_reply_sock *sock);
+int evv_rs_match(evi_reply_sock *a, evi_reply_sock *b);
+void evv_rs_free(evi_reply_sock *sock);
+int evv_rs_raise(struct sip_msg *msg, str *ev_name, evi_reply_sock *sock,
+	evi_params_t *params, evi_async_ctx_t *async_ctx);
+
+#endif

@@ -1,0 +1,486 @@
+//! The virtual socket text: parse, print and match.
+//!
+//! `virtual:` has already been stripped by the core; what is left is
+//! `POLICY SUB [SUB ...]`, tokens separated by runs of spaces and tabs.
+//! Nothing here touches OpenSIPS: opening the subscribers through their
+//! transports goes through the [`Transports`] trait, which the FFI layer
+//! implements over the core and the tests implement over a fake.
+
+use std::fmt;
+
+/// How an event is handed to the subscribers of one virtual socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Policy {
+    Parallel = 0,
+    Failover = 1,
+    RoundRobin = 2,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::Parallel, Policy::Failover, Policy::RoundRobin];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Parallel => "PARALLEL",
+            Policy::Failover => "FAILOVER",
+            Policy::RoundRobin => "ROUND-ROBIN",
+        }
+    }
+
+    /// Exactly the upper-case name, as a whole token.
+    fn from_token(tok: &[u8]) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name().as_bytes() == tok)
+    }
+}
+
+/// The transport name a virtual socket is registered under; it may not
+/// appear inside a virtual socket.
+pub const VIRTUAL_PROTO: &[u8] = b"virtual";
+
+/// More subscribers than this in one virtual socket is refused: the policies
+/// keep a per-event bitmap of this size on the stack instead of allocating.
+pub const MAX_SUBSCRIBERS: usize = 1024;
+
+/// Longest piece of operator input quoted back in an error message.
+const QUOTE_MAX: usize = 120;
+
+/// One subscriber token, `proto:rest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubToken<'a> {
+    pub token: &'a [u8],
+    pub proto: &'a [u8],
+    pub rest: &'a [u8],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    pub policy: Policy,
+    pub subs: Vec<SubToken<'a>>,
+}
+
+/// Why a virtual socket was refused; every variant names what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    Empty,
+    UnknownPolicy(String),
+    NoSubscribers(Policy),
+    TooManySubscribers(usize),
+    MissingColon(String),
+    MissingProto(String),
+    MissingAddress(String),
+    Nested(String),
+    UnknownTransport { proto: String, token: String },
+    Refused { proto: String, token: String },
+    NoMemory,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Empty => write!(f, "empty virtual socket"),
+            ParseError::UnknownPolicy(p) => write!(
+                f,
+                "unknown policy '{p}' (expected PARALLEL, FAILOVER or ROUND-ROBIN, in upper case)"
+            ),
+            ParseError::NoSubscribers(p) => write!(f, "policy '{}' has no subscribers", p.name()),
+            ParseError::TooManySubscribers(n) => write!(
+                f,
+                "{n} subscribers in one virtual socket, at most {MAX_SUBSCRIBERS} are allowed"
+            ),
+            ParseError::MissingColon(t) => {
+                write!(f, "subscriber '{t}' is not of the form transport:address")
+            }
+            ParseError::MissingProto(t) => write!(f, "subscriber '{t}' names no transport"),
+            ParseError::MissingAddress(t) => write!(f, "subscriber '{t}' has no address"),
+            ParseError::Nested(t) => write!(f, "virtual subscriber '{t}' cannot be nested"),
+            ParseError::UnknownTransport { proto, token } => {
+                write!(f, "unknown transport '{proto}' in '{token}'")
+            }
+            ParseError::Refused { proto, token } => {
+                write!(f, "transport '{proto}' refused subscriber '{token}'")
+            }
+            ParseError::NoMemory => write!(f, "out of shared memory"),
+        }
+    }
+}
+
+/// Operator input as it may be quoted in a log line: non-printable and
+/// non-ASCII bytes escaped, long input cut.
+pub fn quote(bytes: &[u8]) -> String {
+    let cut = bytes.len() > QUOTE_MAX;
+    let mut s = bytes[..bytes.len().min(QUOTE_MAX)]
+        .escape_ascii()
+        .to_string();
+    if cut {
+        s.push_str("...");
+    }
+    s
+}
+
+fn tokens(input: &[u8]) -> impl Iterator<Item = &[u8]> {
+    input
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|t| !t.is_empty())
+}
+
+/// Parse the text after `virtual:`.  Only the text is checked here; whether
+/// each transport exists and accepts its address is [`open_subscribers`]'s
+/// job.
+pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    let mut toks = tokens(input);
+    let first = toks.next().ok_or(ParseError::Empty)?;
+    let policy =
+        Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?;
+    let mut subs = Vec::new();
+    for token in toks {
+        if subs.len() == MAX_SUBSCRIBERS {
+            return Err(ParseError::TooManySubscribers(
+                MAX_SUBSCRIBERS + 1 + tokens(input).skip(MAX_SUBSCRIBERS + 2).count(),
+            ));
+        }
+        subs.push(sub_token(token)?);
+    }
+    if subs.is_empty() {
+        return Err(ParseError::NoSubscribers(policy));
+    }
+    Ok(Parsed { policy, subs })
+}
+
+fn sub_token(token: &[u8]) -> Result<SubToken<'_>, ParseError> {
+    let colon = token
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or_else(|| ParseError::MissingColon(quote(token)))?;
+    let (proto, rest) = (&token[..colon], &token[colon + 1..]);
+    if proto.is_empty() {
+        return Err(ParseError::MissingProto(quote(token)));
+    }
+    if proto == VIRTUAL_PROTO {
+        return Err(ParseError::Nested(quote(token)));
+    }
+    if rest.is_empty() {
+        return Err(ParseError::MissingAddress(quote(token)));
+    }
+    Ok(SubToken { token, proto, rest })
+}
+
+/// Length of the printed form `POLICY SUB1 SUB2 ...`.
+pub fn printed_len(parsed: &Parsed<'_>) -> usize {
+    parsed.policy.name().len() + parsed.subs.iter().map(|s| 1 + s.token.len()).sum::<usize>()
+}
+
+/// Write the printed form into `out` (exactly [`printed_len`] bytes) and
+/// return where each subscriber token sits in it, as (offset, length).
+pub fn print_into(parsed: &Parsed<'_>, out: &mut [u8]) -> Vec<(usize, usize)> {
+    let name = parsed.policy.name().as_bytes();
+    out[..name.len()].copy_from_slice(name);
+    let mut at = name.len();
+    let mut spans = Vec::with_capacity(parsed.subs.len());
+    for s in &parsed.subs {
+        out[at] = b' ';
+        at += 1;
+        out[at..at + s.token.len()].copy_from_slice(s.token);
+        spans.push((at, s.token.len()));
+        at += s.token.len();
+    }
+    spans
+}
+
+/// Whether two virtual sockets are the same subscription: same policy, and
+/// the same subscriber tokens in the same order (FAILOVER, ROUND-ROBIN, where
+/// order is behaviour) or as the same multiset (PARALLEL).
+pub fn same_subscription(pa: Policy, a: &[&[u8]], pb: Policy, b: &[&[u8]]) -> bool {
+    if pa != pb || a.len() != b.len() {
+        return false;
+    }
+    if pa != Policy::Parallel {
+        return a == b;
+    }
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+/// The event transports registered with the core, as parse needs them.
+pub trait Transports {
+    /// A registered transport.
+    type Trans: Copy;
+    /// A sub-socket that transport built.
+    type Sock;
+    fn lookup(&mut self, proto: &[u8]) -> Option<Self::Trans>;
+    /// The transport's own parse of the address after `proto:`.
+    fn parse(&mut self, trans: Self::Trans, rest: &[u8]) -> Option<Self::Sock>;
+    /// Give a sub-socket back to its transport.
+    fn release(&mut self, trans: Self::Trans, sock: Self::Sock);
+}
+
+/// The sub-sockets of one virtual socket, each with its transport.
+pub type Opened<T> = Vec<(<T as Transports>::Trans, <T as Transports>::Sock)>;
+
+/// Build every subscriber's sub-socket through its transport.  All
+/// transports are looked up before any address is parsed, so an unknown
+/// transport costs nothing; when a transport refuses its address, every
+/// sub-socket already built is released before the error is returned.
+pub fn open_subscribers<T: Transports>(
+    reg: &mut T,
+    parsed: &Parsed<'_>,
+) -> Result<Opened<T>, ParseError> {
+    let mut trans = Vec::with_capacity(parsed.subs.len());
+    for s in &parsed.subs {
+        let t = reg
+            .lookup(s.proto)
+            .ok_or_else(|| ParseError::UnknownTransport {
+                proto: quote(s.proto),
+                token: quote(s.token),
+            })?;
+        trans.push(t);
+    }
+    let mut built = Vec::with_capacity(parsed.subs.len());
+    for (s, t) in parsed.subs.iter().zip(trans) {
+        match reg.parse(t, s.rest) {
+            Some(sock) => built.push((t, sock)),
+            None => {
+                release_all(reg, built);
+                return Err(ParseError::Refused {
+                    proto: quote(s.proto),
+                    token: quote(s.token),
+                });
+            }
+        }
+    }
+    Ok(built)
+}
+
+/// Release sub-sockets, last built first.
+pub fn release_all<T: Transports>(reg: &mut T, built: Opened<T>) {
+    for (t, sock) in built.into_iter().rev() {
+        reg.release(t, sock);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks<'a>(p: &'a Parsed<'a>) -> Vec<&'a [u8]> {
+        p.subs.iter().map(|s| s.token).collect()
+    }
+
+    fn printed(input: &str) -> String {
+        let p = parse(input.as_bytes()).unwrap();
+        let mut out = vec![0u8; printed_len(&p)];
+        let spans = print_into(&p, &mut out);
+        for ((off, len), s) in spans.iter().zip(&p.subs) {
+            assert_eq!(&out[*off..off + len], s.token);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn parses_the_three_policies() {
+        for p in Policy::ALL {
+            let text = format!("{} udp:127.0.0.1:1", p.name());
+            assert_eq!(parse(text.as_bytes()).unwrap().policy, p);
+        }
+    }
+
+    #[test]
+    fn splits_on_runs_of_spaces_and_tabs() {
+        let p = parse(b" \tFAILOVER \t udp:1.2.3.4:5\t\tunix:/tmp/x  flatstore:/f \t").unwrap();
+        assert_eq!(p.policy, Policy::Failover);
+        assert_eq!(
+            toks(&p),
+            vec![&b"udp:1.2.3.4:5"[..], b"unix:/tmp/x", b"flatstore:/f"]
+        );
+        assert_eq!(p.subs[1].proto, b"unix");
+        assert_eq!(p.subs[1].rest, b"/tmp/x");
+    }
+
+    #[test]
+    fn keeps_everything_after_the_first_colon_as_the_address() {
+        let p = parse(b"PARALLEL rabbitmq:guest:guest@127.0.0.1:5672/pike").unwrap();
+        assert_eq!(p.subs[0].proto, b"rabbitmq");
+        assert_eq!(p.subs[0].rest, b"guest:guest@127.0.0.1:5672/pike");
+    }
+
+    #[test]
+    fn prints_single_spaces_and_tokens_as_given() {
+        assert_eq!(
+            printed("\t ROUND-ROBIN   udp:127.0.0.1:9\tunix:/a  udp:127.0.0.1:9 "),
+            "ROUND-ROBIN udp:127.0.0.1:9 unix:/a udp:127.0.0.1:9"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_policies() {
+        for bad in [
+            "PARALLELX udp:a:1",
+            "parallel udp:a:1",
+            "ROUND_ROBIN udp:a:1",
+        ] {
+            let first = bad.split(' ').next().unwrap().to_string();
+            assert_eq!(
+                parse(bad.as_bytes()),
+                Err(ParseError::UnknownPolicy(first.clone()))
+            );
+        }
+        // a subscriber where the policy should be
+        assert_eq!(
+            parse(b"udp:127.0.0.1:1"),
+            Err(ParseError::UnknownPolicy("udp:127.0.0.1:1".into()))
+        );
+    }
+
+    #[test]
+    fn refuses_empty_and_subscriberless_sockets() {
+        assert_eq!(parse(b""), Err(ParseError::Empty));
+        assert_eq!(parse(b" \t "), Err(ParseError::Empty));
+        assert_eq!(
+            parse(b"FAILOVER  \t"),
+            Err(ParseError::NoSubscribers(Policy::Failover))
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_subscribers() {
+        assert_eq!(
+            parse(b"PARALLEL udp"),
+            Err(ParseError::MissingColon("udp".into()))
+        );
+        assert_eq!(
+            parse(b"PARALLEL :x"),
+            Err(ParseError::MissingProto(":x".into()))
+        );
+        assert_eq!(
+            parse(b"PARALLEL udp:"),
+            Err(ParseError::MissingAddress("udp:".into()))
+        );
+        assert_eq!(
+            parse(b"PARALLEL virtual:FAILOVER udp:1.1.1.1:1"),
+            Err(ParseError::Nested("virtual:FAILOVER".into()))
+        );
+    }
+
+    #[test]
+    fn error_messages_name_the_token() {
+        let e = ParseError::UnknownTransport {
+            proto: "bogus".into(),
+            token: "bogus:1".into(),
+        };
+        assert_eq!(e.to_string(), "unknown transport 'bogus' in 'bogus:1'");
+        assert!(
+            ParseError::UnknownPolicy("PARALLELX".into())
+                .to_string()
+                .contains("'PARALLELX'")
+        );
+    }
+
+    #[test]
+    fn quotes_unprintable_and_long_input_safely() {
+        assert_eq!(quote(b"a\0b\xff"), "a\\x00b\\xff");
+        let long = vec![b'x'; 1000];
+        let q = quote(&long);
+        assert!(q.len() < 200 && q.ends_with("..."));
+    }
+
+    #[test]
+    fn caps_the_subscriber_count() {
+        let ok = format!("PARALLEL{}", " udp:1:1".repeat(MAX_SUBSCRIBERS));
+        assert_eq!(parse(ok.as_bytes()).unwrap().subs.len(), MAX_SUBSCRIBERS);
+        let over = format!("PARALLEL{}", " udp:1:1".repeat(MAX_SUBSCRIBERS + 5));
+        assert_eq!(
+            parse(over.as_bytes()),
+            Err(ParseError::TooManySubscribers(MAX_SUBSCRIBERS + 5))
+        );
+    }
+
+    #[test]
+    fn matches_in_order_except_parallel() {
+        let (a, b, c): (&[u8], &[u8], &[u8]) = (b"udp:a:1", b"udp:b:1", b"unix:/c");
+        for p in [Policy::Failover, Policy::RoundRobin] {
+            assert!(same_subscription(p, &[a, b], p, &[a, b]));
+            assert!(!same_subscription(p, &[a, b], p, &[b, a]));
+        }
+        let par = Policy::Parallel;
+        assert!(same_subscription(par, &[a, b, c], par, &[c, a, b]));
+        // duplicates count: a multiset, not a set
+        assert!(!same_subscription(par, &[a, a, b], par, &[a, b, b]));
+        assert!(!same_subscription(par, &[a, b], par, &[a, b, b]));
+        assert!(!same_subscription(par, &[a, b], Policy::Failover, &[a, b]));
+    }
+
+    /// A registry that knows `udp` and `unix`, refuses addresses that
+    /// contain `bad`, and records what is alive.
+    #[derive(Default)]
+    struct Fake {
+        next: u32,
+        live: Vec<u32>,
+        released: Vec<u32>,
+    }
+
+    impl Transports for Fake {
+        type Trans = u8;
+        type Sock = u32;
+        fn lookup(&mut self, proto: &[u8]) -> Option<u8> {
+            match proto {
+                b"udp" => Some(1),
+                b"unix" => Some(2),
+                _ => None,
+            }
+        }
+        fn parse(&mut self, _t: u8, rest: &[u8]) -> Option<u32> {
+            if rest.windows(3).any(|w| w == b"bad") {
+                return None;
+            }
+            self.next += 1;
+            self.live.push(self.next);
+            Some(self.next)
+        }
+        fn release(&mut self, _t: u8, sock: u32) {
+            self.live.retain(|&s| s != sock);
+            self.released.push(sock);
+        }
+    }
+
+    #[test]
+    fn opens_every_subscriber() {
+        let mut reg = Fake::default();
+        let p = parse(b"PARALLEL udp:a:1 unix:/x udp:a:1").unwrap();
+        let built = open_subscribers(&mut reg, &p).unwrap();
+        assert_eq!(built, vec![(1, 1), (2, 2), (1, 3)]);
+        release_all(&mut reg, built);
+        assert!(reg.live.is_empty());
+        assert_eq!(reg.released, vec![3, 2, 1]);
+    }
+
+    #[test]
+    fn unknown_transport_builds_nothing() {
+        let mut reg = Fake::default();
+        let p = parse(b"PARALLEL udp:a:1 bogus:1").unwrap();
+        assert_eq!(
+            open_subscribers(&mut reg, &p),
+            Err(ParseError::UnknownTransport {
+                proto: "bogus".into(),
+                token: "bogus:1".into()
+            })
+        );
+        assert_eq!(reg.next, 0);
+    }
+
+    #[test]
+    fn refusal_releases_what_was_built() {
+        let mut reg = Fake::default();
+        let p = parse(b"FAILOVER udp:a:1 unix:/ok udp:bad udp:b:1").unwrap();
+        assert_eq!(
+            open_subscribers(&mut reg, &p),
+            Err(ParseError::Refused {
+                proto: "udp".into(),
+                token: "udp:bad".into()
+            })
+        );
+        assert!(reg.live.is_empty());
+        assert_eq!(reg.released, vec![2, 1]);
+    }
+}

@@ -1,0 +1,641 @@
+"""Helpers for the event_virtual integration tests.
+
+Everything here talks to a real OpenSIPS over loopback only:
+
+* ``OpenSips``  - writes an opensips.cfg in a temp dir, runs ``opensips -F`` in
+  its own process group, talks MI (JSON-RPC 2.0 over UDP, mi_datagram) and
+  sends SIP requests whose script raises events from the worker processes;
+* receivers     - what event_datagram (UDP / unix datagram) and
+  event_flatstore (files) deliver, collected by background threads;
+* ``wait_until`` - every wait is a condition with a deadline.
+"""
+
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent.parent
+
+OPENSIPS_SRC = Path(os.environ.get("OPENSIPS_SRC", "/usr/local/src/opensips"))
+EVV_MODULE = Path(os.environ.get("EVV_MODULE", str(REPO_ROOT / "event_virtual.so")))
+
+# event names the generated script can raise (the core publishes an event
+# when the script that raises it is parsed; MI raise_event needs that)
+EVENT_POOL = [f"E_T{i}" for i in range(40)]
+
+DEFAULT_TIMEOUT = 5.0
+
+
+# --------------------------------------------------------------------------
+# generic helpers
+# --------------------------------------------------------------------------
+
+def wait_until(cond, timeout=DEFAULT_TIMEOUT, what="condition", interval=0.005):
+    """Poll cond() until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_prerequisites():
+    """Fail (never skip) with a message that says what to build or set."""
+    binary = OPENSIPS_SRC / "opensips"
+    problems = []
+    if not binary.is_file():
+        problems.append(
+            f"OpenSIPS binary {binary} not found: set OPENSIPS_SRC to a built "
+            f"OpenSIPS source tree (run `make` there)")
+    for mod in ("event_datagram", "event_flatstore", "mi_datagram"):
+        so = OPENSIPS_SRC / "modules" / mod / f"{mod}.so"
+        if binary.is_file() and not so.is_file():
+            problems.append(f"{so} not found: build it (`make modules` in {OPENSIPS_SRC})")
+    if not EVV_MODULE.is_file():
+        problems.append(
+            f"module under test {EVV_MODULE} not found: run `make` in {REPO_ROOT} "
+            f"or set EVV_MODULE to an event_virtual.so")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+# --------------------------------------------------------------------------
+# MI over UDP (mi_datagram, JSON-RPC 2.0)
+# --------------------------------------------------------------------------
+
+class MIError(Exception):
+    def __init__(self, method, error):
+        self.method = method
+        self.error = error  # the JSON-RPC error object
+        self.code = error.get("code")
+        self.message = error.get("message")
+        super().__init__(f"MI {method} failed: {error}")
+
+
+class MIClient:
+    def __init__(self, port):
+        self.addr = ("127.0.0.1", port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.next_id = 1
+        self.lock = threading.Lock()
+
+    def call(self, method, params=None, timeout=DEFAULT_TIMEOUT):
+        with self.lock:
+            rid = self.next_id
+            self.next_id += 1
+            req = {"jsonrpc": "2.0", "method": method, "id": rid}
+            if params is not None:
+                req["params"] = params
+            self.sock.sendto(json.dumps(req).encode(), self.addr)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no MI answer to {method} within {timeout}s")
+                self.sock.settimeout(left)
+                try:
+                    data = self.sock.recv(1 << 17)
+                except socket.timeout:
+                    continue
+                reply = json.loads(data)
+                if reply.get("id") != rid:
+                    continue  # late answer to an earlier, timed-out request
+                if "error" in reply:
+                    raise MIError(method, reply["error"])
+                return reply.get("result")
+
+    def close(self):
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------
+# OpenSIPS log
+# --------------------------------------------------------------------------
+
+class Log:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def text(self):
+        try:
+            return self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def mark(self):
+        """Position to count new lines from."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def lines_since(self, mark=0):
+        with open(self.path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace").splitlines()
+
+    def errors_since(self, mark=0, token=None, module=None):
+        """ERROR lines since mark, optionally containing token / from module."""
+        out = []
+        for line in self.lines_since(mark):
+            if "ERROR:" not in line and "CRITICAL:" not in line:
+                continue
+            if module and f":{module}:" not in line:
+                continue
+            if token is not None and token not in line:
+                continue
+            out.append(line)
+        return out
+
+    def tail(self, n=40):
+        return "\n".join(self.text().splitlines()[-n:])
+
+
+# --------------------------------------------------------------------------
+# OpenSIPS server
+# --------------------------------------------------------------------------
+
+CFG_TEMPLATE = """\
+log_level = {log_level}
+stderror_enabled = yes
+syslog_enabled = no
+disable_core_dump = yes
+udp_workers = {workers}
+socket = udp:127.0.0.1:{sip_port}
+
+mpath = "{mpath}"
+loadmodule "proto_udp.so"
+loadmodule "mi_datagram.so"
+modparam("mi_datagram", "socket_name", "udp:127.0.0.1:{mi_port}")
+loadmodule "event_datagram.so"
+loadmodule "event_flatstore.so"
+loadmodule "event_stream.so"
+loadmodule "{module}"
+{virtual_params}
+
+# A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
+# in the worker that handles it, with params tag (X-Tag), i (loop index)
+# and pid ($pp).
+route {{
+    if ($hdr(X-Event) == NULL)
+        exit;
+    $var(n) = 1;
+    if ($hdr(X-Count) != NULL)
+        $var(n) = $(hdr(X-Count){{s.int}});
+    $var(i) = 0;
+    while ($var(i) < $var(n)) {{
+        $avp(evk) := "tag";
+        $avp(evk) = "i";
+        $avp(evk) = "pid";
+        $avp(evv) := $hdr(X-Tag);
+        $avp(evv) = $var(i);
+        $avp(evv) = $pp;
+        route(raise);
+        $var(i) = $var(i) + 1;
+    }}
+    exit;
+}}
+
+route[raise] {{
+    switch ($hdr(X-Event)) {{
+{raise_cases}
+    }}
+}}
+"""
+
+
+class OpenSips:
+    """One OpenSIPS process group with a generated configuration."""
+
+    def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.failover_timeout = failover_timeout
+        self.workers = workers
+        self.log_level = log_level
+        self.proc = None
+        self.mi_client = None
+        self.log = Log(self.workdir / "opensips.log")
+        self._events = iter(EVENT_POOL)
+        self._sip_sock = None
+        self._sip_seq = 0
+
+    # ---- life cycle -------------------------------------------------------
+
+    def _write_cfg(self):
+        cases = "\n".join(
+            f'        case "{e}": raise_event("{e}", $avp(evk), $avp(evv)); break;'
+            for e in EVENT_POOL)
+        vparams = ""
+        if self.failover_timeout is not None:
+            vparams = f'modparam("event_virtual", "failover_timeout", {self.failover_timeout})'
+        cfg = CFG_TEMPLATE.format(
+            log_level=self.log_level, workers=self.workers,
+            sip_port=self.sip_port, mi_port=self.mi_port,
+            mpath=f"{OPENSIPS_SRC}/modules/", module=EVV_MODULE,
+            virtual_params=vparams, raise_cases=cases)
+        self.cfg_path = self.workdir / "opensips.cfg"
+        self.cfg_path.write_text(cfg)
+
+    def start(self, attempts=3):
+        check_prerequisites()
+        for attempt in range(attempts):
+            self.sip_port = free_udp_port()
+            self.mi_port = free_udp_port()
+            self._write_cfg()
+            if self._start_once():
+                return self
+            self.stop()
+            if "Address already in use" not in self.log.text():
+                break
+        pytest.fail(f"OpenSIPS did not start ({EVV_MODULE}); log {self.log.path}:\n"
+                    f"{self.log.tail(60)}", pytrace=False)
+
+    def _start_once(self):
+        def no_core():
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+        with open(self.log.path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [str(OPENSIPS_SRC / "opensips"), "-F", "-f", str(self.cfg_path)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                cwd=self.workdir, start_new_session=True, preexec_fn=no_core)
+        self.mi_client = MIClient(self.mi_port)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                self.mi_client.call("version", timeout=0.2)
+                return True
+            except (TimeoutError, OSError):
+                continue
+        return False
+
+    def stop(self):
+        if self.mi_client:
+            self.mi_client.close()
+            self.mi_client = None
+        if self._sip_sock:
+            self._sip_sock.close()
+            self._sip_sock = None
+        if not self.proc:
+            return
+        pgid = self.proc.pid  # start_new_session: pgid == pid of opensips
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                self.proc.poll()
+                if not _group_alive(pgid):
+                    break
+                time.sleep(0.02)
+            else:
+                continue
+            break
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+
+    # ---- health -----------------------------------------------------------
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def alive(self):
+        """The main process runs and MI answers."""
+        if not self.running():
+            return False
+        try:
+            self.mi("version", timeout=3)
+            return True
+        except (TimeoutError, MIError, OSError):
+            return False
+
+    def assert_alive(self, context=""):
+        if not self.alive():
+            raise AssertionError(
+                f"OpenSIPS is dead or does not answer MI{(' ' + context) if context else ''}"
+                f"; log {self.log.path}:\n{self.log.tail(30)}")
+
+    # ---- MI ---------------------------------------------------------------
+
+    def mi(self, method, params=None, timeout=DEFAULT_TIMEOUT):
+        return self.mi_client.call(method, params, timeout=timeout)
+
+    def subscribe(self, event, sock, expire=3600):
+        return self.mi("event_subscribe", {"event": event, "socket": sock, "expire": expire})
+
+    def unsubscribe(self, event, sock):
+        return self.subscribe(event, sock, expire=0)
+
+    def raise_event(self, event, params=None):
+        p = {"event": event}
+        if params is not None:
+            p["params"] = json.dumps(params)  # MI raise_event takes a JSON string
+        return self.mi("raise_event", p)
+
+    def subscribers_list(self, event=None):
+        return self.mi("subscribers_list", {"event": event} if event else None)
+
+    def subscribers(self, event):
+        """Printed sockets subscribed to event (the listing also removes expired ones)."""
+        res = self.subscribers_list(event)
+        return [s["socket"] for s in res.get("Event", {}).get("Subscribers", [])]
+
+    def get_statistics(self, names):
+        return self.mi("get_statistics", {"statistics": list(names)})
+
+    def shm_used(self):
+        # "shmem:used_size" as one name gives {} on 3.6/4.0; ask for the group
+        return self.get_statistics(["shmem:"])["shmem:used_size"]
+
+    def new_event(self):
+        """An event name no other test on this server uses."""
+        try:
+            return next(self._events)
+        except StopIteration:
+            raise AssertionError("event pool exhausted: raise EVENT_POOL size")
+
+    # ---- SIP: raise from the script in worker processes -------------------
+
+    def send_sip(self, event, count=1, tag="x"):
+        if self._sip_sock is None:
+            self._sip_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._sip_sock.bind(("127.0.0.1", 0))
+        self._sip_seq += 1
+        lport = self._sip_sock.getsockname()[1]
+        n = self._sip_seq
+        msg = (
+            f"OPTIONS sip:evv@127.0.0.1:{self.sip_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bK-evv-{os.getpid()}-{n}\r\n"
+            f"Max-Forwards: 70\r\n"
+            f"From: <sip:tester@127.0.0.1>;tag=evv{n}\r\n"
+            f"To: <sip:evv@127.0.0.1>\r\n"
+            f"Call-ID: evv-{os.getpid()}-{n}@127.0.0.1\r\n"
+            f"CSeq: {n} OPTIONS\r\n"
+            f"X-Event: {event}\r\n"
+            f"X-Count: {count}\r\n"
+            f"X-Tag: {tag}\r\n"
+            f"Content-Length: 0\r\n\r\n")
+        self._sip_sock.sendto(msg.encode(), ("127.0.0.1", self.sip_port))
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # zombies still count for killpg; look for live members
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# receivers
+# --------------------------------------------------------------------------
+
+class Receiver:
+    """What one subscriber got, in arrival order: dicts {method, params}."""
+
+    socket = None  # the event socket string, e.g. "udp:127.0.0.1:4000"
+
+    def __init__(self):
+        self._events = []
+        self._lock = threading.Lock()
+
+    def _add(self, ev):
+        with self._lock:
+            self._events.append(ev)
+
+    def events(self, event=None):
+        with self._lock:
+            evs = list(self._events)
+        return [e for e in evs if event is None or e["method"] == event]
+
+    def count(self, event=None):
+        return len(self.events(event))
+
+    def wait_count(self, n, event=None, timeout=DEFAULT_TIMEOUT):
+        wait_until(lambda: self.count(event) >= n, timeout,
+                   f"{n} x {event or 'any event'} at {self.socket} (got {self.count(event)})")
+
+    def close(self):
+        pass
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.socket}>"
+
+
+class _DatagramReceiver(Receiver):
+    def __init__(self, family, address):
+        super().__init__()
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.address = address
+        self._stop = False
+        self._thread = None
+
+    def _start(self):
+        self.sock.bind(self.address)
+        self.sock.settimeout(0.05)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                msg = {"method": None, "raw": data}
+            self._add({"method": msg.get("method"), "params": msg.get("params"), "raw": data})
+
+    def close(self):
+        self._stop = True
+        if self._thread:
+            self._thread.join(2)
+        self.sock.close()
+
+
+class UdpReceiver(_DatagramReceiver):
+    def __init__(self):
+        super().__init__(socket.AF_INET, ("127.0.0.1", 0))
+        self._start()
+        self.port = self.sock.getsockname()[1]
+        self.socket = f"udp:127.0.0.1:{self.port}"
+
+
+class UnixReceiver(_DatagramReceiver):
+    """unix datagram listener; bind=False gives a dead subscriber (nobody
+    bound at the path: event_datagram's sendto fails at once) that can be
+    brought to life later with bind()."""
+
+    def __init__(self, path, bind=True):
+        super().__init__(socket.AF_UNIX, str(path))
+        self.path = Path(path)
+        self.socket = f"unix:{path}"
+        if bind:
+            self.bind()
+
+    def bind(self):
+        self._start()
+
+    @property
+    def bound(self):
+        return self._thread is not None
+
+    def close(self):
+        super().close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class FlatstoreReceiver(Receiver):
+    """event_flatstore writes `EVENT,value1,value2...` lines to a file."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+        self.socket = f"flatstore:{path}"
+
+    def events(self, event=None):
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        evs = []
+        for line in lines:
+            fields = line.split(",")
+            evs.append({"method": fields[0], "params": fields[1:], "raw": line})
+        return [e for e in evs if event is None or e["method"] == event]
+
+
+class Receivers:
+    """Factory for receivers of one test; closes them at teardown."""
+
+    def __init__(self, tmpdir):
+        self.dir = Path(tmpdir)
+        self.all = []
+        self._n = 0
+
+    def _path(self, stem):
+        self._n += 1
+        return self.dir / f"{stem}{self._n}"
+
+    def udp(self, n=None):
+        if n is not None:
+            return [self.udp() for _ in range(n)]
+        r = UdpReceiver()
+        self.all.append(r)
+        return r
+
+    def unix(self, bind=True):
+        r = UnixReceiver(self._path("u") .with_suffix(".sock"), bind=bind)
+        self.all.append(r)
+        return r
+
+    def dead(self):
+        """A subscriber whose raise fails at once (unix path nobody bound)."""
+        return self.unix(bind=False)
+
+    def flatstore(self):
+        r = FlatstoreReceiver(self._path("f").with_suffix(".log"))
+        self.all.append(r)
+        return r
+
+    def close(self):
+        for r in self.all:
+            r.close()
+
+
+# --------------------------------------------------------------------------
+# event helpers
+# --------------------------------------------------------------------------
+
+def virtual(policy, *subs):
+    return "virtual:" + policy + " " + " ".join(
+        s if isinstance(s, str) else s.socket for s in subs)
+
+
+def seq_of(ev):
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("seq")
+    return None
+
+
+def who_got(receivers, event, seq):
+    """Indexes of receivers that got (event, seq) so far."""
+    return [i for i, r in enumerate(receivers)
+            if any(seq_of(e) == seq for e in r.events(event))]
+
+
+def raise_one(srv, event, seq, receivers, copies=1, timeout=DEFAULT_TIMEOUT):
+    """Raise event (param seq) over MI and wait until `copies` receivers in
+    total got it. Returns the indexes of the receivers that got it.
+    Raising one at a time keeps the order: MI hands each raise to some worker."""
+    srv.raise_event(event, {"seq": seq})
+    return wait_until(
+        lambda: (lambda got: got if len(got) >= copies else None)(who_got(receivers, event, seq)),
+        timeout, f"{event} seq={seq} to reach {copies} receiver(s) of {receivers}")
+
+
+def assert_quiet(receivers, expected, event=None, window=0.3):
+    """Absence check: over a short window, the counts stay as expected.
+    (Loopback datagrams land in the receiver's buffer during the sender's
+    sendto(), so anything still to come would be in flight already.)"""
+    deadline = time.monotonic() + window
+    while True:
+        counts = [r.count(event) for r in receivers]
+        assert counts == list(expected), (
+            f"unexpected deliveries of {event}: got {counts}, expected {list(expected)}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
+
+
+def crash_lines(log_text):
+    return [l for l in log_text.splitlines()
+            if re.search(r"terminated by signal|segfault|core dumped|signal 11|SIGSEGV|"
+                         r"child process \d+ exited|exited by a signal", l)]

@@ -1,0 +1,49 @@
+"""Malformed virtual sockets are refused cleanly: MI error, one ERROR line
+naming the offending token, the server alive, no shared memory kept."""
+
+import pytest
+
+from evvharness import MIError, wait_until
+
+# (id, socket; {port} is a live UDP receiver, token the ERROR line must name)
+CASES = [
+    ("missing-policy", "virtual:udp:127.0.0.1:{port}", "udp:127.0.0.1:{port}"),
+    ("misspelt-policy", "virtual:PARALLELX udp:127.0.0.1:{port}", "PARALLELX"),
+    ("lowercase-policy", "virtual:parallel udp:127.0.0.1:{port}", "parallel"),
+    ("no-subscribers", "virtual:FAILOVER", "FAILOVER"),
+    ("no-subscribers-trailing-blanks", "virtual:FAILOVER \t ", "FAILOVER"),
+    ("unknown-transport", "virtual:PARALLEL bogus:1", "bogus"),
+    ("no-transport", "virtual:ROUND-ROBIN udp:127.0.0.1:{port} justtext", "justtext"),
+    ("nested-virtual", "virtual:PARALLEL virtual:FAILOVER udp:127.0.0.1:{port}",
+     "virtual:FAILOVER"),
+    ("transport-refuses", "virtual:ROUND-ROBIN udp:not_an_address", "udp:not_an_address"),
+    ("refused-after-good", "virtual:PARALLEL udp:127.0.0.1:{port} udp:nonsense",
+     "udp:nonsense"),
+    ("refused-after-good-unix", "virtual:FAILOVER unix:{dir}/x.sock bogus:2", "bogus"),
+]
+
+
+@pytest.mark.parametrize("sock,token", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_malformed_socket_is_refused(srv, recv, sock, token):
+    good = recv.udp()
+    sock = sock.format(port=good.port, dir=recv.dir)
+    token = token.format(port=good.port)
+    ev = srv.new_event()
+
+    def refused():
+        with pytest.raises(MIError) as err:
+            srv.subscribe(ev, sock)
+        assert err.value.code == 400, err.value.error
+
+    refused()  # warm-up: first-time allocations do not count as leaks
+    baseline = srv.shm_used()
+    mark = srv.log.mark()
+    refused()
+
+    def naming_lines():
+        return srv.log.errors_since(mark, token=token, module="event_virtual")
+    wait_until(naming_lines, 2, f"an event_virtual ERROR line naming {token!r}")
+    assert len(naming_lines()) == 1, naming_lines()
+    srv.assert_alive()
+    assert srv.subscribers(ev) == []
+    assert srv.shm_used() == baseline, "shared memory not released on refusal"
