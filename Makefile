@@ -33,6 +33,10 @@ endif
 
 build: check-tree
 	$(CARGO) build --release
+	@# a shared object links with symbols left for dlopen to find: make sure
+	@# none of the shim<->Rust contract is among them
+	@if nm -D --undefined-only $(BUILT) | grep -w 'evv_[a-z_]*'; then \
+		echo "error: the symbols above are declared but not defined" >&2; exit 1; fi
 	cp $(BUILT) $(MODULE)
 
 unit-test:

@@ -13,6 +13,8 @@
 #include <stddef.h>
 
 #include "sr_module.h"
+#include "statistics.h"
+#include "mi/mi.h"
 #include "evi/evi_transport.h"
 
 /* ---- defined in C (src/shim.c), used by Rust ---- */
@@ -24,6 +26,8 @@ extern const char evv_scm_type[];
 extern const char evv_scm_rev[];
 
 extern const param_export_t evv_params[];
+extern const stat_export_t evv_stats[];
+extern const mi_export_t evv_mi_cmds[];
 
 int evv_mod_init(void);
 void evv_destroy(void);
@@ -46,6 +50,25 @@ int evv_log_enabled(int level);
 void *evv_shm_malloc(size_t size);
 void evv_shm_free(void *p);
 
+/* the module's statistics, in the order of evv_stats */
+enum evv_stat {
+	EVV_ST_EVENTS,
+	EVV_ST_DELIVERED,
+	EVV_ST_FAILED,
+	EVV_ST_INCOMPLETE,
+	EVV_ST_FAILOVERS,
+	EVV_ST_NUM
+};
+void evv_stat_add(int which, unsigned long n);
+
+/* Calls visit once for every live virtual subscription, of every event or
+ * of the one named by filter, while that event's subscriber list is locked:
+ * visit must only copy what it needs.  Returns -1 when filter names no
+ * event, 0 otherwise. */
+typedef void (*evv_visit_f)(void *arg, const str *event,
+	evi_reply_sock *sock);
+int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg);
+
 /* ---- defined in Rust (src/ffi.rs), used by C ---- */
 
 /* called from mod_init with the validated modparams; 0 on success */
@@ -57,5 +80,11 @@ int evv_rs_match(evi_reply_sock *a, evi_reply_sock *b);
 void evv_rs_free(evi_reply_sock *sock);
 int evv_rs_raise(struct sip_msg *msg, str *ev_name, evi_reply_sock *sock,
 	evi_params_t *params, evi_async_ctx_t *async_ctx);
+
+/* MI event_virtual_list, without and with the "event" parameter */
+mi_response_t *evv_rs_mi_list(const mi_params_t *params,
+	struct mi_handler *async_hdl);
+mi_response_t *evv_rs_mi_list_event(const mi_params_t *params,
+	struct mi_handler *async_hdl);
 
 #endif

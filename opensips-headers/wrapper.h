@@ -6,5 +6,7 @@
 #include "sr_module.h"
 #include "evi/evi_transport.h"
 #include "evi/event_interface.h"
+#include "action.h"
+#include "mi/item.h"
 
 #include "../include/event_virtual.h"

@@ -25,7 +25,9 @@ use std::ptr::{self, null, null_mut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::boundary::guard;
-use crate::policy::{self, Driver, Health, Rules, Transition};
+use crate::policy::{
+    self, Attempt, Driver, Health, Outcome, Progress, Rules, State, Transition, Walk,
+};
 use crate::socket::{self, ParseError, Parsed, Policy, Transports};
 
 #[allow(
@@ -77,8 +79,8 @@ pub static exports: ModuleExports = ModuleExports(sys::module_exports {
     cmds: null(),
     acmds: null(),
     params: (&raw const sys::evv_params).cast::<sys::param_export_t>(),
-    stats: null(),
-    mi_cmds: null(),
+    stats: (&raw const sys::evv_stats).cast::<sys::stat_export_t>(),
+    mi_cmds: (&raw const sys::evv_mi_cmds).cast::<sys::mi_export_t>(),
     items: null(),
     trans: null(),
     procs: null(),
@@ -357,13 +359,20 @@ impl Transports for CoreTransports {
     }
 
     fn parse(&mut self, trans: Self::Trans, rest: &[u8]) -> Option<Self::Sock> {
+        // Transports write into the text they parse (event_stream cuts
+        // host from port in place, some NUL-terminate past the end), so
+        // each gets a scratch copy with a spare byte, never the operator's
+        // text that print shows.
+        let mut scratch = Vec::with_capacity(rest.len() + 1);
+        scratch.extend_from_slice(rest);
+        scratch.push(0);
         let addr = str_ {
-            s: rest.as_ptr() as *mut c_char,
+            s: scratch.as_mut_ptr().cast(),
             len: c_int::try_from(rest.len()).ok()?,
         };
         // SAFETY: trans came from get_trans_mod and lives as long as the
-        // server; its parse only reads addr (the core passes its own
-        // transient strings the same way).
+        // server; addr is ours to scribble on for the call, and transports
+        // keep copies, not pointers (the core's own text is transient too).
         unsafe {
             let sock = ((*trans).parse?)(addr);
             if sock.is_null() {
@@ -470,12 +479,22 @@ pub extern "C" fn evv_rs_free(sock: *mut evi_reply_sock) {
     })
 }
 
+/// One event as the core raised it: what each attempt passes on.
+#[derive(Clone, Copy)]
+struct Event {
+    msg: *mut sip_msg,
+    name: *mut str_,
+    params: *mut evi_params_t,
+}
+
 /// Hands one event to one subscriber through its transport.
 struct CoreDriver<'a> {
     vsock: &'a VSock,
-    msg: *mut sip_msg,
-    ev_name: *mut str_,
-    params: *mut evi_params_t,
+    event: Event,
+    /// The shared-memory copy of the event that asynchronous FAILOVER and
+    /// ROUND-ROBIN attempts continue from; made at the first such attempt,
+    /// and null again once handed to a transport.
+    chain: *mut Chain,
 }
 
 impl CoreDriver<'_> {
@@ -486,22 +505,16 @@ impl CoreDriver<'_> {
             socket::quote(self.vsock.text())
         )
     }
-}
 
-impl Driver for CoreDriver<'_> {
-    fn attempt(&mut self, i: usize) -> bool {
+    /// One call of subscriber `i`'s raise; true when it returned success.
+    fn raise(&self, i: usize, event: Event, ctx: evi_async_ctx_t) -> bool {
         let sub = &self.vsock.subs()[i];
-        // synchronous delivery: the transport reports through its return
-        // value, as it does for the core's own raise
-        let mut ctx = evi_async_ctx_t {
-            status_cb: None,
-            cb_param: null_mut(),
-        };
-        // SAFETY: trans and sock live as long as the block, which this
-        // raise holds; msg, ev_name and params are the core's for the call.
+        let mut ctx = ctx;
+        // SAFETY: trans and sock live as long as the block, which the
+        // caller holds; the event is the core's for the call, or a chain's.
         let rc = unsafe {
             match (*sub.trans).raise {
-                Some(raise) => raise(self.msg, self.ev_name, sub.sock, self.params, &mut ctx),
+                Some(raise) => raise(event.msg, event.name, sub.sock, event.params, &mut ctx),
                 None => -1,
             }
         };
@@ -512,6 +525,121 @@ impl Driver for CoreDriver<'_> {
             );
         }
         rc == 0
+    }
+
+    /// An asynchronous attempt in a FAILOVER or ROUND-ROBIN walk: the
+    /// chain, positioned after this attempt, goes with the event; the
+    /// transport's report resumes it, in whatever process.
+    fn attempt_chained(&mut self, i: usize, walk: &Walk) -> Attempt {
+        if self.chain.is_null() {
+            self.chain = Chain::new(self.vsock, self.event, walk);
+            if self.chain.is_null() {
+                log(
+                    Level::EVV_L_ERR,
+                    &format!("out of shared memory for an event to {}", self.describe(i)),
+                );
+                return Attempt::Failed;
+            }
+        }
+        let chain = self.chain;
+        // SAFETY: the chain is ours until a transport accepts it, and its
+        // fields are written before it is handed over.
+        let event = unsafe {
+            (*chain).walk = *walk;
+            (*chain).current = i as u32;
+            Chain::event(chain, self.event.msg)
+        };
+        let ctx = evi_async_ctx_t {
+            status_cb: Some(evv_chain_status),
+            cb_param: chain.cast(),
+        };
+        if !self.raise(i, event, ctx) {
+            // refused at once: no report will come, the chain is still ours
+            return Attempt::Failed;
+        }
+        // the report may already be running elsewhere: hands off
+        self.chain = null_mut();
+        Attempt::Pending
+    }
+
+    /// An asynchronous attempt in a PARALLEL fan-out: its report only
+    /// updates the subscriber's health.
+    fn attempt_probed(&mut self, i: usize) -> Attempt {
+        let probe = Probe::new(self.vsock, i);
+        if probe.is_null() {
+            log(
+                Level::EVV_L_ERR,
+                &format!("out of shared memory for an event to {}", self.describe(i)),
+            );
+            return Attempt::Failed;
+        }
+        let ctx = evi_async_ctx_t {
+            status_cb: Some(evv_probe_status),
+            cb_param: probe.cast(),
+        };
+        if self.raise(i, self.event, ctx) {
+            Attempt::Pending
+        } else {
+            // SAFETY: refused at once, so no report will use the probe
+            unsafe { Probe::free(probe) };
+            Attempt::Failed
+        }
+    }
+
+    /// A settled event: count it, and say so if it was lost.
+    fn settle(&mut self, out: Outcome) {
+        count(out);
+        if !out.delivered() {
+            // a PARALLEL subscriber that fails is reported once, as it
+            // starts failing; an event no subscriber took is lost, and said
+            // every time
+            let level = match out.policy {
+                Policy::Parallel => Level::EVV_L_DBG,
+                _ => Level::EVV_L_ERR,
+            };
+            if log_enabled(level) {
+                // SAFETY: the event name is the core's or the chain's
+                let name = unsafe { self.event.name.as_ref().map(|n| bytes(n)) };
+                log(
+                    level,
+                    &format!(
+                        "event '{}' was not delivered by 'virtual:{}'",
+                        socket::quote(name.unwrap_or_default()),
+                        socket::quote(self.vsock.text())
+                    ),
+                );
+            }
+        }
+        if !self.chain.is_null() {
+            // SAFETY: never handed to a transport, so still ours alone
+            unsafe { Chain::free(self.chain) };
+            self.chain = null_mut();
+        }
+    }
+}
+
+impl Driver for CoreDriver<'_> {
+    fn attempt(&mut self, i: usize, walk: &Walk) -> Attempt {
+        let sub = &self.vsock.subs()[i];
+        // SAFETY: sock lives as long as the block.
+        let asynchronous = unsafe { (*sub.sock).flags } & sys::EVI_ASYNC_STATUS != 0;
+        match (asynchronous, self.vsock.policy) {
+            (true, Policy::Parallel) => self.attempt_probed(i),
+            (true, _) => self.attempt_chained(i, walk),
+            // synchronous delivery: the transport's return value is the
+            // result, as for the core's own raise
+            (false, _) => {
+                let ctx = evi_async_ctx_t {
+                    status_cb: None,
+                    cb_param: null_mut(),
+                };
+                if self.raise(i, self.event, ctx) {
+                    Attempt::Taken
+                } else {
+                    Attempt::Failed
+                }
+            }
+        }
     }
 
     fn transition(&mut self, i: usize, t: Transition) {
@@ -525,6 +653,27 @@ impl Driver for CoreDriver<'_> {
                 &format!("{} has recovered", self.describe(i)),
             ),
         }
+    }
+}
+
+fn stat(which: sys::evv_stat, n: u32) {
+    if n > 0 {
+        // SAFETY: an atomic add on the module's registered statistic.
+        unsafe { sys::evv_stat_add(which as c_int, n.into()) }
+    }
+}
+
+fn count(out: Outcome) {
+    let delivered = out.delivered();
+    stat(sys::evv_stat_EVV_ST_DELIVERED, delivered.into());
+    stat(sys::evv_stat_EVV_ST_FAILED, (out.taken == 0).into());
+    if out.policy == Policy::Parallel {
+        stat(
+            sys::evv_stat_EVV_ST_INCOMPLETE,
+            (out.taken > 0 && !delivered).into(),
+        );
+    } else {
+        stat(sys::evv_stat_EVV_ST_FAILOVERS, out.attempts.saturating_sub(1));
     }
 }
 
@@ -543,41 +692,442 @@ pub extern "C" fn evv_rs_raise(
             return -1;
         };
         let _hold = vsock.hold();
+        stat(sys::evv_stat_EVV_ST_EVENTS, 1);
         let mut driver = CoreDriver {
             vsock,
-            msg,
-            ev_name,
-            params,
+            event: Event {
+                msg,
+                name: ev_name,
+                params,
+            },
+            chain: null_mut(),
         };
-        let out = policy::deliver(
-            vsock.policy,
-            &vsock.rotation,
-            vsock.subs(),
-            rules(),
-            now_ms(),
-            &mut driver,
-        );
-        if out.delivered {
-            return 0;
-        }
-        // a PARALLEL subscriber that fails is reported once, as it starts
-        // failing; an event no subscriber took is lost, and said every time
-        let level = match vsock.policy {
-            Policy::Parallel => Level::EVV_L_DBG,
-            _ => Level::EVV_L_ERR,
-        };
-        if log_enabled(level) {
-            // SAFETY: the core's event name is valid for the call.
-            let name = unsafe { ev_name.as_ref().map(|n| bytes(n)).unwrap_or_default() };
-            log(
-                level,
-                &format!(
-                    "event '{}' was not delivered by 'virtual:{}'",
-                    socket::quote(name),
-                    socket::quote(vsock.text())
-                ),
+        let rules = rules();
+        let now = now_ms();
+        let progress =
+            Walk::begin(vsock.policy, &vsock.rotation, vsock.subs(), rules, now).run(
+                vsock.subs(),
+                rules,
+                now,
+                &mut driver,
             );
+        match progress {
+            // accepted: the chain reports on its own
+            Progress::Pending => 0,
+            Progress::Done(out) => {
+                driver.settle(out);
+                if out.delivered() { 0 } else { -1 }
+            }
         }
-        -1
+    })
+}
+
+// ---- asynchronous reports ------------------------------------------------
+
+/// A FAILOVER or ROUND-ROBIN event waiting for an asynchronous transport's
+/// report, in shared memory: the walk to resume, a copy of the event, and
+/// a reference on the virtual socket.  Followed by the event name's bytes.
+#[repr(C)]
+struct Chain {
+    vsock: *const VSock,
+    params: *mut evi_params_t,
+    /// Points at the bytes behind the chain once [`Chain::event`] ran.
+    name: str_,
+    name_len: c_int,
+    /// The subscriber whose report is awaited.
+    current: u32,
+    walk: Walk,
+}
+
+impl Chain {
+    /// Copy the event into shared memory and take a reference on the
+    /// virtual socket; null when out of memory.
+    fn new(vsock: &VSock, event: Event, walk: &Walk) -> *mut Chain {
+        // SAFETY: the event name is the core's for the call.
+        let name = unsafe { event.name.as_ref().map(|n| bytes(n)) }.unwrap_or_default();
+        let Ok(name_len) = c_int::try_from(name.len()) else {
+            return null_mut();
+        };
+        // SAFETY: allocation, checked; then every field is written before
+        // the chain is used, and the name copied behind it.
+        unsafe {
+            let chain = sys::evv_shm_malloc(size_of::<Chain>() + name.len()).cast::<Chain>();
+            if chain.is_null() {
+                return null_mut();
+            }
+            let params = if event.params.is_null() {
+                null_mut()
+            } else {
+                let dup = sys::evi_dup_shm_params(event.params);
+                if dup.is_null() {
+                    sys::evv_shm_free(chain.cast());
+                    return null_mut();
+                }
+                dup
+            };
+            ptr::copy_nonoverlapping(name.as_ptr(), chain.add(1).cast::<u8>(), name.len());
+            std::mem::forget(vsock.hold());
+            ptr::write(
+                chain,
+                Chain {
+                    vsock,
+                    params,
+                    name: str_ {
+                        s: null_mut(),
+                        len: 0,
+                    },
+                    name_len,
+                    current: 0,
+                    walk: *walk,
+                },
+            );
+            chain
+        }
+    }
+
+    /// The event as the chain keeps it, with `msg` as its SIP message.
+    /// Its name and parameters point into the chain, so the result must
+    /// not outlive it.
+    ///
+    /// # Safety
+    /// `this` is a live chain.
+    unsafe fn event(this: *mut Chain, msg: *mut sip_msg) -> Event {
+        // SAFETY: per the contract; the name bytes follow the chain.
+        unsafe {
+            (*this).name = str_ {
+                s: this.add(1).cast(),
+                len: (*this).name_len,
+            };
+            Event {
+                msg,
+                name: &raw mut (*this).name,
+                params: (*this).params,
+            }
+        }
+    }
+
+    /// Free the chain and give back its reference.
+    ///
+    /// # Safety
+    /// `this` is a live chain that no transport holds.
+    unsafe fn free(this: *mut Chain) {
+        // SAFETY: per the contract.
+        unsafe {
+            let vsock = (*this).vsock;
+            if !(*this).params.is_null() {
+                sys::evi_free_shm_params((*this).params);
+            }
+            sys::evv_shm_free(this.cast());
+            VSock::release(vsock);
+        }
+    }
+}
+
+/// A PARALLEL subscriber's asynchronous attempt: which subscriber, and a
+/// reference on the virtual socket until the report comes.
+#[repr(C)]
+struct Probe {
+    vsock: *const VSock,
+    index: u32,
+}
+
+impl Probe {
+    fn new(vsock: &VSock, i: usize) -> *mut Probe {
+        // SAFETY: allocation, checked, then written whole.
+        unsafe {
+            let probe = sys::evv_shm_malloc(size_of::<Probe>()).cast::<Probe>();
+            if !probe.is_null() {
+                std::mem::forget(vsock.hold());
+                ptr::write(
+                    probe,
+                    Probe {
+                        vsock,
+                        index: i as u32,
+                    },
+                );
+            }
+            probe
+        }
+    }
+
+    /// # Safety
+    /// `this` is a live probe that no transport holds.
+    unsafe fn free(this: *mut Probe) {
+        // SAFETY: per the contract.
+        unsafe {
+            let vsock = (*this).vsock;
+            sys::evv_shm_free(this.cast());
+            VSock::release(vsock);
+        }
+    }
+}
+
+/// A transport's report on a FAILOVER or ROUND-ROBIN attempt, in whichever
+/// process the transport runs it: settle the event or offer it on.
+unsafe extern "C" fn evv_chain_status(param: *mut c_void, status: sys::evi_status) {
+    entry("status report", (), || {
+        let chain = param.cast::<Chain>();
+        if chain.is_null() {
+            return;
+        }
+        // SAFETY: the transport hands back the chain it was given, once;
+        // the chain's reference keeps the virtual socket alive.
+        unsafe {
+            let vsock = &*(*chain).vsock;
+            let i = (*chain).current as usize;
+            let mut walk = (*chain).walk;
+            // the report is not part of any SIP message's processing:
+            // transports raised from here get the core's dummy message
+            let msg = sys::get_dummy_sip_msg();
+            let mut driver = CoreDriver {
+                vsock,
+                event: Chain::event(chain, msg),
+                chain,
+            };
+            let ok = status == sys::evi_status_EVI_STATUS_SUCCESS;
+            let rules = rules();
+            match walk.resume(i, ok, vsock.subs(), rules, now_ms(), &mut driver) {
+                Progress::Pending => {}
+                Progress::Done(out) => driver.settle(out),
+            }
+            if !msg.is_null() {
+                sys::release_dummy_sip_msg(msg);
+            }
+        }
+    })
+}
+
+/// A transport's report on a PARALLEL attempt: health and counters only.
+unsafe extern "C" fn evv_probe_status(param: *mut c_void, status: sys::evi_status) {
+    entry("status report", (), || {
+        let probe = param.cast::<Probe>();
+        if probe.is_null() {
+            return;
+        }
+        // SAFETY: the transport hands back the probe it was given, once;
+        // the probe's reference keeps the virtual socket alive.
+        unsafe {
+            let vsock = &*(*probe).vsock;
+            let mut driver = CoreDriver {
+                vsock,
+                event: Event {
+                    msg: null_mut(),
+                    name: null_mut(),
+                    params: null_mut(),
+                },
+                chain: null_mut(),
+            };
+            let ok = status == sys::evi_status_EVI_STATUS_SUCCESS;
+            policy::record(vsock.subs(), (*probe).index as usize, ok, now_ms(), &mut driver);
+            Probe::free(probe);
+        }
+    })
+}
+
+// ---- MI event_virtual_list -----------------------------------------------
+
+/// One subscriber as the list shows it.
+struct SubscriberView {
+    socket: Vec<u8>,
+    state: State,
+    attempts: u64,
+    failures: u64,
+}
+
+/// One virtual subscription as the list shows it, copied out while its
+/// event's subscriber list was locked.
+struct SubscriptionView {
+    event: Vec<u8>,
+    socket: Vec<u8>,
+    policy: Policy,
+    /// Seconds it was subscribed for, when it expires.
+    expire: Option<u32>,
+    /// ROUND-ROBIN: the subscriber the next event starts at.
+    next: Option<usize>,
+    subscribers: Vec<SubscriberView>,
+}
+
+/// Called by the shim's walk, under the event's lock: copy and return.
+unsafe extern "C" fn evv_visit(arg: *mut c_void, event: *const str_, sock: *mut evi_reply_sock) {
+    entry("event_virtual_list", (), || {
+        // SAFETY: arg is the list evv_list passed; event and sock are the
+        // core's, valid and locked for this call.
+        let (out, event, vsock) = unsafe {
+            (
+                &mut *arg.cast::<Vec<SubscriptionView>>(),
+                event.as_ref().map(|e| bytes(e)).unwrap_or_default(),
+                VSock::from_reply(sock),
+            )
+        };
+        let Some(vsock) = vsock else { return };
+        // SAFETY: flags and expire are written by the core under the lock
+        // we are called with.
+        let reply = unsafe { &*vsock.reply.get() };
+        let (now, window) = (now_ms(), rules().window_ms);
+        let n = vsock.subs().len() as u64;
+        out.push(SubscriptionView {
+            event: event.to_vec(),
+            socket: [&b"virtual:"[..], vsock.text()].concat(),
+            policy: vsock.policy,
+            expire: (reply.flags & sys::EVI_EXPIRE != 0).then_some(reply.expire),
+            next: (vsock.policy == Policy::RoundRobin)
+                .then(|| (vsock.rotation.load(Ordering::Relaxed) % n) as usize),
+            subscribers: vsock
+                .subs()
+                .iter()
+                .map(|s| SubscriberView {
+                    socket: vsock.token(s).to_vec(),
+                    state: s.health.state(now, window),
+                    attempts: s.health.attempts(),
+                    failures: s.health.failures(),
+                })
+                .collect(),
+        });
+    })
+}
+
+/// MI output under construction; every add is checked, and a failed one
+/// abandons the response.
+struct MiItem(*mut sys::mi_item_t);
+
+struct MiFull;
+
+impl MiItem {
+    fn name(name: &str) -> (*mut c_char, c_int) {
+        (name.as_ptr() as *mut c_char, name.len() as c_int)
+    }
+
+    fn array(&self, name: &str) -> Result<MiItem, MiFull> {
+        let (n, l) = MiItem::name(name);
+        // SAFETY: self is a live item of a response under construction.
+        let item = unsafe { sys::add_mi_array(self.0, n, l) };
+        if item.is_null() { Err(MiFull) } else { Ok(MiItem(item)) }
+    }
+
+    /// A nameless object, for an array.
+    fn element(&self) -> Result<MiItem, MiFull> {
+        // SAFETY: as for array.
+        let item = unsafe { sys::add_mi_object(self.0, null_mut(), 0) };
+        if item.is_null() { Err(MiFull) } else { Ok(MiItem(item)) }
+    }
+
+    fn string(&self, name: &str, value: &[u8]) -> Result<(), MiFull> {
+        let (n, l) = MiItem::name(name);
+        let len = c_int::try_from(value.len()).map_err(|_| MiFull)?;
+        // SAFETY: as for array; the value is copied by the core.
+        let rc = unsafe { sys::add_mi_string(self.0, n, l, value.as_ptr() as *mut c_char, len) };
+        if rc < 0 { Err(MiFull) } else { Ok(()) }
+    }
+
+    fn number(&self, name: &str, value: f64) -> Result<(), MiFull> {
+        let (n, l) = MiItem::name(name);
+        // SAFETY: as for array.
+        let rc = unsafe { sys::add_mi_number(self.0, n, l, value) };
+        if rc < 0 { Err(MiFull) } else { Ok(()) }
+    }
+}
+
+fn render(root: &MiItem, list: &[SubscriptionView]) -> Result<(), MiFull> {
+    let wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let subscriptions = root.array("Subscriptions")?;
+    for v in list {
+        let o = subscriptions.element()?;
+        o.string("event", &v.event)?;
+        o.string("socket", &v.socket)?;
+        o.string("policy", v.policy.name().as_bytes())?;
+        if let Some(expire) = v.expire {
+            o.number("expire", expire.into())?;
+        }
+        if let Some(next) = v.next {
+            o.number("next", next as f64)?;
+        }
+        let subs = o.array("Subscribers")?;
+        for s in &v.subscribers {
+            let so = subs.element()?;
+            so.string("socket", &s.socket)?;
+            match s.state {
+                State::Healthy => so.string("state", b"healthy")?,
+                State::Failing => so.string("state", b"failing")?,
+                State::Skipped { for_ms } => {
+                    so.string("state", b"skipped")?;
+                    so.number("skipped_for_ms", for_ms as f64)?;
+                    // wall-clock time, in whole seconds, when it is tried again
+                    so.number("skipped_until", (wall_ms + for_ms).div_ceil(1000) as f64)?;
+                }
+            }
+            so.number("attempts", s.attempts as f64)?;
+            so.number("failures", s.failures as f64)?;
+        }
+    }
+    Ok(())
+}
+
+fn mi_error(code: c_int, msg: &str) -> *mut sys::mi_response_t {
+    let len = c_int::try_from(msg.len()).unwrap_or(0);
+    // SAFETY: the core copies msg.
+    unsafe { sys::init_mi_error_extra(code, msg.as_ptr().cast(), len, null(), 0) }
+}
+
+fn mi_list(filter: Option<&[u8]>) -> *mut sys::mi_response_t {
+    let mut list: Vec<SubscriptionView> = Vec::new();
+    let mut name = filter.map(|f| str_ {
+        s: f.as_ptr() as *mut c_char,
+        len: f.len() as c_int,
+    });
+    let name_ptr = name.as_mut().map_or(null(), |n| n as *const str_);
+    // SAFETY: the visitor is given our list and copies into it.
+    let rc = unsafe {
+        sys::evv_walk_virtual(
+            name_ptr,
+            Some(evv_visit),
+            (&raw mut list).cast::<c_void>(),
+        )
+    };
+    if rc < 0 {
+        let event = socket::quote(filter.unwrap_or_default());
+        return mi_error(404, &format!("unknown event '{event}'"));
+    }
+    let mut root: *mut sys::mi_item_t = null_mut();
+    // SAFETY: builds a new response; root is set to its top object.
+    let resp = unsafe { sys::init_mi_result_object(&mut root) };
+    if resp.is_null() {
+        return null_mut();
+    }
+    if render(&MiItem(root), &list).is_err() {
+        // SAFETY: the response is ours and unsent.
+        unsafe { sys::free_mi_response(resp) };
+        return mi_error(500, "out of memory building the list");
+    }
+    resp
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn evv_rs_mi_list(
+    _params: *const sys::mi_params_t,
+    _async_hdl: *mut sys::mi_handler,
+) -> *mut sys::mi_response_t {
+    entry("event_virtual_list", null_mut(), || mi_list(None))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn evv_rs_mi_list_event(
+    params: *const sys::mi_params_t,
+    _async_hdl: *mut sys::mi_handler,
+) -> *mut sys::mi_response_t {
+    entry("event_virtual_list", null_mut(), || {
+        let mut s: *mut c_char = null_mut();
+        let mut len: c_int = 0;
+        let name = c"event";
+        // SAFETY: params are the core's for this call; s and len are set to
+        // the parameter's bytes, valid for the call.
+        let rc = unsafe { sys::get_mi_string_param(params, name.as_ptr() as *mut c_char, &mut s, &mut len) };
+        if rc < 0 {
+            return mi_error(400, "the 'event' parameter must be a string");
+        }
+        // SAFETY: as above.
+        let event = unsafe { bytes(&str_ { s, len }) };
+        mi_list(Some(event))
     })
 }

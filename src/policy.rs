@@ -21,6 +21,17 @@ pub struct Health {
     failures: AtomicU64,
 }
 
+/// A subscriber's health as an operator sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Healthy,
+    /// Its last attempt failed and its window is over: it gets the next
+    /// event that reaches it, and recovers if it takes it.
+    Failing,
+    /// Inside its failover window: passed over for this long yet.
+    Skipped { for_ms: u64 },
+}
+
 /// A change in a subscriber's health, reported once per change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -48,6 +59,20 @@ impl Health {
         }
     }
 
+    pub fn state(&self, now_ms: u64, window_ms: u64) -> State {
+        let at = self.failed_at.load(Relaxed);
+        let until = at.saturating_add(window_ms);
+        if at == 0 {
+            State::Healthy
+        } else if window_ms != 0 && now_ms < until {
+            State::Skipped {
+                for_ms: until - now_ms,
+            }
+        } else {
+            State::Failing
+        }
+    }
+
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Relaxed)
     }
@@ -57,21 +82,26 @@ impl Health {
     }
 }
 
+/// What one attempt on one subscriber came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The subscriber took the event.
+    Taken,
+    Failed,
+    /// An asynchronous transport accepted it and will report the outcome
+    /// later, through [`Walk::resume`].
+    Pending,
+}
+
 /// What the policies need from the world: one attempt on one subscriber,
 /// and somewhere to report health changes.
 pub trait Driver {
-    /// Hand the event to subscriber `i`; true when it took it.
-    fn attempt(&mut self, i: usize) -> bool;
+    /// Hand the event to subscriber `i`.  `walk` is where the event stands
+    /// after this attempt: an attempt that goes [`Attempt::Pending`] keeps
+    /// a copy of it to resume from.
+    fn attempt(&mut self, i: usize, walk: &Walk) -> Attempt;
     /// Subscriber `i` changed health because of this event's attempt.
     fn transition(&mut self, i: usize, t: Transition);
-}
-
-/// What became of one event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    /// PARALLEL: every subscriber took it; otherwise: one of them did.
-    pub delivered: bool,
-    pub attempts: u32,
 }
 
 /// The rules of delivery, fixed for a run of the server.
@@ -81,10 +111,195 @@ pub struct Rules {
     pub window_ms: u64,
 }
 
-/// One event on one virtual socket.
+/// Which subscribers one event has passed over, without allocating.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct Passed([u64; MAX_SUBSCRIBERS / 64]);
+
+impl Passed {
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn has(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+}
+
+/// Where one event stands on one virtual socket: which subscribers it
+/// has been offered to and which come next.  Plain data, so an event that
+/// waits for an asynchronous transport keeps it in shared memory and any
+/// process resumes it.
 ///
-/// `rotation` is the socket's shared round-robin counter: each
-/// ROUND-ROBIN event takes the next ticket.
+/// PARALLEL offers the event to every subscriber in order.  FAILOVER (from
+/// the first) and ROUND-ROBIN (from its turn in the rotation) offer it in
+/// order, wrapping, until one takes it: those inside their failover window
+/// are passed over at first, and attempted after all, in the same order,
+/// only if no other took it.  Then every subscriber has failed recently,
+/// and no event is dropped without an attempt on each.  Each subscriber is
+/// attempted at most once per event.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct Walk {
+    policy: Policy,
+    n: u32,
+    start: u32,
+    /// Offers made so far: k < n is the first pass, n <= k < 2n the second.
+    step: u32,
+    attempts: u32,
+    taken: u32,
+    pending: u32,
+    passed: Passed,
+}
+
+/// Where a walk has got to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The event waits for an asynchronous transport's report.
+    Pending,
+    Done(Outcome),
+}
+
+/// What became of one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub policy: Policy,
+    pub subscribers: u32,
+    pub attempts: u32,
+    /// Subscribers that took it (PARALLEL: or accepted it, to report later).
+    pub taken: u32,
+}
+
+impl Outcome {
+    /// PARALLEL: every subscriber took it; otherwise one did.
+    pub fn delivered(&self) -> bool {
+        match self.policy {
+            Policy::Parallel => self.taken == self.subscribers,
+            _ => self.taken > 0,
+        }
+    }
+}
+
+impl Walk {
+    /// Start one event.  A ROUND-ROBIN event takes the next ticket from the
+    /// socket's shared `rotation` counter.
+    pub fn begin<S: AsRef<Health>>(
+        policy: Policy,
+        rotation: &AtomicU64,
+        subs: &[S],
+        rules: Rules,
+        now_ms: u64,
+    ) -> Walk {
+        let start = match policy {
+            Policy::RoundRobin if !subs.is_empty() => {
+                let ticket = rotation.fetch_add(1, Relaxed);
+                rotation_start(ticket, subs, rules.window_ms, now_ms)
+            }
+            _ => 0,
+        };
+        Walk {
+            policy,
+            // socket.rs caps n at MAX_SUBSCRIBERS
+            n: subs.len() as u32,
+            start: start as u32,
+            step: 0,
+            attempts: 0,
+            taken: 0,
+            pending: 0,
+            passed: Passed([0; MAX_SUBSCRIBERS / 64]),
+        }
+    }
+
+    /// Offer the event until it is settled or waits for a report.
+    pub fn run<S: AsRef<Health>, D: Driver>(
+        &mut self,
+        subs: &[S],
+        rules: Rules,
+        now_ms: u64,
+        driver: &mut D,
+    ) -> Progress {
+        while let Some(i) = self.next(subs, rules.window_ms, now_ms) {
+            self.attempts += 1;
+            match driver.attempt(i, self) {
+                Attempt::Pending if self.policy == Policy::Parallel => self.pending += 1,
+                Attempt::Pending => return Progress::Pending,
+                result => {
+                    let ok = result == Attempt::Taken;
+                    record(subs, i, ok, now_ms, driver);
+                    if ok {
+                        self.taken += 1;
+                        if self.policy != Policy::Parallel {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Progress::Done(self.outcome())
+    }
+
+    /// An asynchronous transport reported on subscriber `i` of a
+    /// FAILOVER or ROUND-ROBIN event: settled if it took it, otherwise
+    /// offered on to the next subscribers.
+    pub fn resume<S: AsRef<Health>, D: Driver>(
+        &mut self,
+        i: usize,
+        ok: bool,
+        subs: &[S],
+        rules: Rules,
+        now_ms: u64,
+        driver: &mut D,
+    ) -> Progress {
+        record(subs, i, ok, now_ms, driver);
+        if ok {
+            self.taken += 1;
+            return Progress::Done(self.outcome());
+        }
+        self.run(subs, rules, now_ms, driver)
+    }
+
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            policy: self.policy,
+            subscribers: self.n,
+            attempts: self.attempts,
+            taken: self.taken + self.pending,
+        }
+    }
+
+    fn next<S: AsRef<Health>>(&mut self, subs: &[S], window_ms: u64, now_ms: u64) -> Option<usize> {
+        let n = self.n;
+        let passes = if self.policy == Policy::Parallel { 1 } else { 2 };
+        while self.step < passes * n {
+            let k = self.step;
+            self.step += 1;
+            let i = ((self.start + k % n) % n) as usize;
+            if self.policy == Policy::Parallel {
+                return Some(i);
+            }
+            if k >= n {
+                if self.passed.has(i) {
+                    return Some(i);
+                }
+            } else if subs[i].as_ref().skipped(now_ms, window_ms) {
+                self.passed.set(i);
+            } else {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+/// Record subscriber `i`'s result and report the change it makes, if any.
+/// Asynchronous reports come here too, through [`Walk::resume`]; a
+/// PARALLEL subscriber's report, which continues nothing, through this.
+pub fn record<S: AsRef<Health>, D: Driver>(subs: &[S], i: usize, ok: bool, now_ms: u64, driver: &mut D) {
+    if let Some(t) = subs[i].as_ref().record(ok, now_ms) {
+        driver.transition(i, t);
+    }
+}
+
+/// One event, offered synchronously: [`Walk::begin`] then [`Walk::run`].
 pub fn deliver<S: AsRef<Health>, D: Driver>(
     policy: Policy,
     rotation: &AtomicU64,
@@ -92,42 +307,8 @@ pub fn deliver<S: AsRef<Health>, D: Driver>(
     rules: Rules,
     now_ms: u64,
     driver: &mut D,
-) -> Outcome {
-    let mut run = Run {
-        subs,
-        now_ms,
-        driver,
-        attempts: 0,
-    };
-    let n = subs.len();
-    if n == 0 {
-        return Outcome {
-            delivered: false,
-            attempts: 0,
-        };
-    }
-    let delivered = match policy {
-        Policy::Parallel => {
-            // every subscriber, whatever the earlier ones did: no
-            // short-circuit here (stopping at the first failure is the C
-            // module's bug)
-            let mut all = true;
-            for i in 0..n {
-                all &= run.try_one(i);
-            }
-            all
-        }
-        Policy::Failover => run.first_taker(0, rules.window_ms),
-        Policy::RoundRobin => {
-            let ticket = rotation.fetch_add(1, Relaxed);
-            let start = rotation_start(ticket, subs, rules.window_ms, now_ms);
-            run.first_taker(start, rules.window_ms)
-        }
-    };
-    Outcome {
-        delivered,
-        attempts: run.attempts,
-    }
+) -> Progress {
+    Walk::begin(policy, rotation, subs, rules, now_ms).run(subs, rules, now_ms, driver)
 }
 
 /// Where a ROUND-ROBIN event starts.  Tickets are dealt over the healthy
@@ -152,56 +333,6 @@ fn rotation_start<S: AsRef<Health>>(ticket: u64, subs: &[S], window_ms: u64, now
         .map_or((ticket % n as u64) as usize, |(i, _)| i)
 }
 
-/// Which subscribers one event has passed over, without allocating.
-struct Passed([u64; MAX_SUBSCRIBERS / 64]);
-
-impl Passed {
-    fn set(&mut self, i: usize) {
-        self.0[i / 64] |= 1 << (i % 64);
-    }
-    fn has(&self, i: usize) -> bool {
-        self.0[i / 64] & (1 << (i % 64)) != 0
-    }
-}
-
-struct Run<'a, S, D> {
-    subs: &'a [S],
-    now_ms: u64,
-    driver: &'a mut D,
-    attempts: u32,
-}
-
-impl<S: AsRef<Health>, D: Driver> Run<'_, S, D> {
-    fn try_one(&mut self, i: usize) -> bool {
-        self.attempts += 1;
-        let ok = self.driver.attempt(i);
-        if let Some(t) = self.subs[i].as_ref().record(ok, self.now_ms) {
-            self.driver.transition(i, t);
-        }
-        ok
-    }
-
-    /// Attempt subscribers in order from `start`, wrapping, until one takes
-    /// the event.  Those inside their failover window are passed over at
-    /// first; if no other took the event they are attempted after all, in
-    /// the same order: then every subscriber has failed recently, and an
-    /// event is never dropped without an attempt on each.  Each subscriber
-    /// is attempted at most once per event.
-    fn first_taker(&mut self, start: usize, window_ms: u64) -> bool {
-        let n = self.subs.len();
-        let order = (0..n).map(|k| (start + k) % n);
-        let mut passed = Passed([0; MAX_SUBSCRIBERS / 64]);
-        for i in order.clone() {
-            if self.subs[i].as_ref().skipped(self.now_ms, window_ms) {
-                passed.set(i);
-            } else if self.try_one(i) {
-                return true;
-            }
-        }
-        order.filter(|&i| passed.has(i)).any(|i| self.try_one(i))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,31 +348,50 @@ mod tests {
         (0..n).map(|_| Sub(Health::default())).collect()
     }
 
-    /// A transport whose subscribers are up or down, recording every
-    /// attempt and transition.
+    /// A transport whose subscribers are up or down, or asynchronous,
+    /// recording every attempt and transition, and the walk of each
+    /// attempt that went pending.
     struct Fake {
         up: Vec<bool>,
+        asynchronous: Vec<bool>,
         tried: Vec<usize>,
         transitions: Vec<(usize, Transition)>,
+        parked: Vec<(usize, Walk)>,
     }
 
     impl Fake {
         fn new(up: &[bool]) -> Fake {
             Fake {
                 up: up.to_vec(),
+                asynchronous: vec![false; up.len()],
                 tried: vec![],
                 transitions: vec![],
+                parked: vec![],
             }
         }
     }
 
     impl Driver for Fake {
-        fn attempt(&mut self, i: usize) -> bool {
+        fn attempt(&mut self, i: usize, walk: &Walk) -> Attempt {
             self.tried.push(i);
-            self.up[i]
+            if self.asynchronous[i] {
+                self.parked.push((i, *walk));
+                Attempt::Pending
+            } else if self.up[i] {
+                Attempt::Taken
+            } else {
+                Attempt::Failed
+            }
         }
         fn transition(&mut self, i: usize, t: Transition) {
             self.transitions.push((i, t));
+        }
+    }
+
+    fn done(p: Progress) -> Outcome {
+        match p {
+            Progress::Done(o) => o,
+            Progress::Pending => panic!("still pending"),
         }
     }
 
@@ -262,6 +412,9 @@ mod tests {
             }
         }
         fn event(&self, fake: &mut Fake, now: u64) -> Outcome {
+            done(self.start(fake, now))
+        }
+        fn start(&self, fake: &mut Fake, now: u64) -> Progress {
             deliver(self.policy, &self.rotation, &self.subs, RULES, now, fake)
         }
     }
@@ -272,17 +425,11 @@ mod tests {
         let mut f = Fake::new(&[false, true, true]);
         let o = s.event(&mut f, 10);
         assert_eq!(f.tried, vec![0, 1, 2]);
-        assert_eq!(
-            o,
-            Outcome {
-                delivered: false,
-                attempts: 3
-            }
-        );
+        assert_eq!((o.attempts, o.taken, o.delivered()), (3, 2, false));
         // a failed subscriber is still attempted next time
         f.tried.clear();
         f.up[0] = true;
-        assert!(s.event(&mut f, 20).delivered);
+        assert!(s.event(&mut f, 20).delivered());
         assert_eq!(f.tried, vec![0, 1, 2]);
         assert_eq!(
             f.transitions,
@@ -295,7 +442,7 @@ mod tests {
         let s = Socket::new(Policy::Failover, 3);
         let mut f = Fake::new(&[true, true, true]);
         for _ in 0..3 {
-            assert!(s.event(&mut f, 10).delivered);
+            assert!(s.event(&mut f, 10).delivered());
         }
         assert_eq!(f.tried, vec![0, 0, 0]);
     }
@@ -320,11 +467,11 @@ mod tests {
         let s = Socket::new(Policy::Failover, 3);
         let mut f = Fake::new(&[false, false, false]);
         let o = s.event(&mut f, 100);
-        assert!(!o.delivered);
+        assert!(!o.delivered());
         assert_eq!(f.tried, vec![0, 1, 2]);
         f.tried.clear();
         f.up[2] = true;
-        assert!(s.event(&mut f, 200).delivered);
+        assert!(s.event(&mut f, 200).delivered());
         assert_eq!(f.tried, vec![0, 1, 2]);
     }
 
@@ -335,7 +482,7 @@ mod tests {
         s.event(&mut f, 100); // 0 fails, now inside its window
         f.tried.clear();
         f.up = vec![true, false, false];
-        assert!(s.event(&mut f, 200).delivered);
+        assert!(s.event(&mut f, 200).delivered());
         // the healthy ones first, then the passed-over one, each once
         assert_eq!(f.tried, vec![1, 2, 0]);
     }
@@ -345,8 +492,8 @@ mod tests {
         let s = Socket::new(Policy::Failover, 2);
         let mut f = Fake::new(&[false, true]);
         let zero = Rules { window_ms: 0 };
-        deliver(s.policy, &s.rotation, &s.subs, zero, 5, &mut f);
-        deliver(s.policy, &s.rotation, &s.subs, zero, 6, &mut f);
+        done(deliver(s.policy, &s.rotation, &s.subs, zero, 5, &mut f));
+        done(deliver(s.policy, &s.rotation, &s.subs, zero, 6, &mut f));
         assert_eq!(f.tried, vec![0, 1, 0, 1]);
     }
 
@@ -355,7 +502,7 @@ mod tests {
         let s = Socket::new(Policy::RoundRobin, 3);
         let mut f = Fake::new(&[true, true, true]);
         for _ in 0..7 {
-            assert!(s.event(&mut f, 10).delivered);
+            assert!(s.event(&mut f, 10).delivered());
         }
         assert_eq!(f.tried, vec![0, 1, 2, 0, 1, 2, 0]);
     }
@@ -364,7 +511,7 @@ mod tests {
     fn round_robin_moves_a_failed_event_on_and_loses_nothing() {
         let s = Socket::new(Policy::RoundRobin, 3);
         let mut f = Fake::new(&[true, false, true]);
-        let all: Vec<bool> = (0..30).map(|t| s.event(&mut f, 10 + t).delivered).collect();
+        let all: Vec<bool> = (0..30).map(|t| s.event(&mut f, 10 + t).delivered()).collect();
         assert!(all.iter().all(|&d| d));
         // 1 failed once, then was passed over for the rest of its window
         assert_eq!(f.tried.iter().filter(|&&i| i == 1).count(), 1);
@@ -427,6 +574,20 @@ mod tests {
     }
 
     #[test]
+    fn states_follow_the_window() {
+        let h = Health::default();
+        assert_eq!(h.state(5, 100), State::Healthy);
+        h.record(false, 10);
+        assert_eq!(h.state(10, 100), State::Skipped { for_ms: 100 });
+        assert_eq!(h.state(60, 100), State::Skipped { for_ms: 50 });
+        assert!(h.skipped(109, 100) && !h.skipped(110, 100));
+        assert_eq!(h.state(110, 100), State::Failing);
+        assert_eq!(h.state(11, 0), State::Failing);
+        h.record(true, 200);
+        assert_eq!(h.state(201, 100), State::Healthy);
+    }
+
+    #[test]
     fn a_failure_at_time_zero_still_counts() {
         let h = Health::default();
         h.record(false, 0);
@@ -439,7 +600,7 @@ mod tests {
         let mut up = vec![false; MAX_SUBSCRIBERS];
         up[MAX_SUBSCRIBERS - 1] = true;
         let mut f = Fake::new(&up);
-        assert!(s.event(&mut f, 1).delivered);
+        assert!(s.event(&mut f, 1).delivered());
         assert_eq!(f.tried.len(), MAX_SUBSCRIBERS);
     }
 
@@ -449,9 +610,9 @@ mod tests {
         let counts: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
         struct Counting<'a>(&'a [AtomicU64]);
         impl Driver for Counting<'_> {
-            fn attempt(&mut self, i: usize) -> bool {
+            fn attempt(&mut self, i: usize, _: &Walk) -> Attempt {
                 self.0[i].fetch_add(1, Relaxed);
-                true
+                Attempt::Taken
             }
             fn transition(&mut self, _: usize, _: Transition) {}
         }
@@ -468,5 +629,69 @@ mod tests {
         for c in &counts {
             assert_eq!(c.load(Relaxed), 4000);
         }
+    }
+
+    #[test]
+    fn failover_waits_for_an_asynchronous_report_and_moves_on_after_a_failure() {
+        let s = Socket::new(Policy::Failover, 3);
+        let mut f = Fake::new(&[true, true, true]);
+        f.asynchronous[0] = true;
+        assert_eq!(s.start(&mut f, 10), Progress::Pending);
+        assert_eq!(f.tried, vec![0]);
+        let (i, mut walk) = f.parked.pop().unwrap();
+        // the report comes later (in another process, in the module)
+        let o = done(walk.resume(i, false, &s.subs, RULES, 20, &mut f));
+        assert_eq!(f.tried, vec![0, 1]);
+        assert_eq!((o.attempts, o.taken), (2, 1));
+        assert_eq!(f.transitions, vec![(0, Transition::Failing)]);
+        // and the failed asynchronous subscriber is now skipped
+        f.tried.clear();
+        s.event(&mut f, 30);
+        assert_eq!(f.tried, vec![1]);
+    }
+
+    #[test]
+    fn an_asynchronous_success_settles_the_event() {
+        let s = Socket::new(Policy::RoundRobin, 2);
+        let mut f = Fake::new(&[true, true]);
+        f.asynchronous = vec![true, true];
+        assert_eq!(s.start(&mut f, 10), Progress::Pending);
+        let (i, mut walk) = f.parked.pop().unwrap();
+        let o = done(walk.resume(i, true, &s.subs, RULES, 11, &mut f));
+        assert!(o.delivered());
+        assert_eq!(f.tried, vec![0]);
+    }
+
+    #[test]
+    fn a_chain_of_asynchronous_failures_ends_after_each_was_tried_once() {
+        let s = Socket::new(Policy::RoundRobin, 3);
+        let mut f = Fake::new(&[false, false, false]);
+        f.asynchronous = vec![true, true, true];
+        let mut progress = s.start(&mut f, 1);
+        let mut reports = 0;
+        while progress == Progress::Pending {
+            let (i, mut walk) = f.parked.pop().unwrap();
+            progress = walk.resume(i, false, &s.subs, RULES, 2, &mut f);
+            reports += 1;
+        }
+        assert_eq!(reports, 3);
+        assert!(!done(progress).delivered());
+        assert_eq!(f.tried, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn parallel_counts_asynchronous_acceptance_and_goes_on() {
+        let s = Socket::new(Policy::Parallel, 3);
+        let mut f = Fake::new(&[true, true, false]);
+        f.asynchronous[0] = true;
+        let o = s.event(&mut f, 1);
+        assert_eq!(f.tried, vec![0, 1, 2]);
+        assert_eq!((o.attempts, o.taken, o.delivered()), (3, 2, false));
+        // the later report only updates health
+        record(&s.subs, 0, false, 2, &mut f);
+        assert_eq!(
+            f.transitions,
+            vec![(2, Transition::Failing), (0, Transition::Failing)]
+        );
     }
 }

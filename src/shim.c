@@ -12,7 +12,9 @@
 #include "dprint.h"
 #include "version.h"
 #include "mem/shm_mem.h"
+#include "locking.h"
 #include "evi/evi_transport.h"
+#include "evi/event_interface.h"
 
 #include "event_virtual.h"
 
@@ -34,6 +36,27 @@ static int failover_timeout = 30;
 const param_export_t evv_params[] = {
 	{"failover_timeout", INT_PARAM, &failover_timeout},
 	{0, 0, 0}
+};
+
+static stat_var *evv_stat_vars[EVV_ST_NUM];
+
+const stat_export_t evv_stats[] = {
+	{"events", 0, &evv_stat_vars[EVV_ST_EVENTS]},
+	{"events_delivered", 0, &evv_stat_vars[EVV_ST_DELIVERED]},
+	{"events_failed", 0, &evv_stat_vars[EVV_ST_FAILED]},
+	{"events_incomplete", 0, &evv_stat_vars[EVV_ST_INCOMPLETE]},
+	{"failovers", 0, &evv_stat_vars[EVV_ST_FAILOVERS]},
+	{0, 0, 0}
+};
+
+const mi_export_t evv_mi_cmds[] = {
+	{"event_virtual_list", "lists the virtual subscriptions, their "
+		"subscribers' health and counters", 0, 0, {
+		{evv_rs_mi_list, {0}},
+		{evv_rs_mi_list_event, {"event", 0}},
+		{EMPTY_MI_RECIPE}}
+	},
+	{EMPTY_MI_EXPORT}
 };
 
 static const evi_export_t evv_transport = {
@@ -107,4 +130,37 @@ void *evv_shm_malloc(size_t size)
 void evv_shm_free(void *p)
 {
 	shm_free(p);
+}
+
+void evv_stat_add(int which, unsigned long n)
+{
+	if (which >= 0 && which < EVV_ST_NUM && evv_stat_vars[which])
+		update_stat(evv_stat_vars[which], n);
+}
+
+/* the core's events; no header declares them */
+extern evi_event_t *events;
+extern int events_no;
+void evi_remove_expired_subs(event_id_t id);
+
+int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg)
+{
+	evi_subs_p subs;
+	int i, found = 0;
+
+	for (i = 0; i < events_no; i++) {
+		if (filter && (filter->len != events[i].name.len ||
+				memcmp(filter->s, events[i].name.s, filter->len)))
+			continue;
+		found = 1;
+		/* what has expired is not live: drop it first, as the core's own
+		 * subscribers_list does */
+		evi_remove_expired_subs(events[i].id);
+		lock_get(events[i].lock);
+		for (subs = events[i].subscribers; subs; subs = subs->next)
+			if (subs->trans_mod == &evv_transport && subs->reply_sock)
+				visit(arg, &events[i].name, subs->reply_sock);
+		lock_release(events[i].lock);
+	}
+	return (filter && !found) ? -1 : 0;
 }

@@ -62,18 +62,29 @@ def _shared_server(request, tmp_path_factory):
     holder.stop()
 
 
-def _check_survived(server, when):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.call_failed = rep.failed
+
+
+def _check_survived(request, server, when):
+    """Teardown check, for tests that did not already fail."""
+    if getattr(request.node, "call_failed", True):
+        return
     if not server.alive():
         pytest.fail(f"OpenSIPS died or stopped answering MI {when}; "
                     f"log {server.log.path}:\n{server.log.tail(30)}", pytrace=False)
 
 
 @pytest.fixture
-def srv(_shared_server):
+def srv(request, _shared_server):
     """The module's shared server (tests on it use distinct event names)."""
     server = _shared_server.get()
     yield server
-    _check_survived(server, "during this test")
+    _check_survived(request, server, "during this test")
 
 
 @pytest.fixture
@@ -82,7 +93,7 @@ def own_srv(request, tmp_path_factory):
     server = OpenSips(tmp_path_factory.mktemp("opensips"), **_server_kwargs(request)).start()
     yield server
     try:
-        _check_survived(server, "during this test")
+        _check_survived(request, server, "during this test")
     finally:
         server.stop()
 

@@ -91,8 +91,13 @@ class MIError(Exception):
         super().__init__(f"MI {method} failed: {error}")
 
 
+class ServerDied(AssertionError):
+    pass
+
+
 class MIClient:
-    def __init__(self, port):
+    def __init__(self, port, check_alive=None):
+        self.check_alive = check_alive or (lambda: None)
         self.addr = ("127.0.0.1", port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -111,11 +116,13 @@ class MIClient:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self.check_alive()
                     raise TimeoutError(f"no MI answer to {method} within {timeout}s")
-                self.sock.settimeout(left)
+                self.sock.settimeout(min(left, 0.2))
                 try:
                     data = self.sock.recv(1 << 17)
                 except socket.timeout:
+                    self.check_alive()
                     continue
                 reply = json.loads(data)
                 if reply.get("id") != rid:
@@ -190,6 +197,7 @@ modparam("mi_datagram", "socket_name", "udp:127.0.0.1:{mi_port}")
 loadmodule "event_datagram.so"
 loadmodule "event_flatstore.so"
 loadmodule "event_stream.so"
+modparam("event_stream", "reliable_mode", 1)
 loadmodule "{module}"
 {virtual_params}
 
@@ -280,7 +288,7 @@ class OpenSips:
                 [str(OPENSIPS_SRC / "opensips"), "-F", "-f", str(self.cfg_path)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 cwd=self.workdir, start_new_session=True, preexec_fn=no_core)
-        self.mi_client = MIClient(self.mi_port)
+        self.mi_client = MIClient(self.mi_port, self._check_running)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -288,7 +296,7 @@ class OpenSips:
             try:
                 self.mi_client.call("version", timeout=0.2)
                 return True
-            except (TimeoutError, OSError):
+            except (TimeoutError, OSError, ServerDied):
                 continue
         return False
 
@@ -324,6 +332,14 @@ class OpenSips:
 
     # ---- health -----------------------------------------------------------
 
+    def _check_running(self):
+        if not self.running():
+            crashes = crash_lines(self.log.text())
+            raise ServerDied(
+                f"OpenSIPS died (exit status {self.proc.returncode if self.proc else None})"
+                + ("; crash:\n" + "\n".join(crashes) if crashes else "")
+                + f"\nlog {self.log.path}:\n{self.log.tail(30)}")
+
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
@@ -334,7 +350,7 @@ class OpenSips:
         try:
             self.mi("version", timeout=3)
             return True
-        except (TimeoutError, MIError, OSError):
+        except (TimeoutError, MIError, OSError, ServerDied):
             return False
 
     def assert_alive(self, context=""):
@@ -551,6 +567,78 @@ class FlatstoreReceiver(Receiver):
         return [e for e in evs if event is None or e["method"] == event]
 
 
+class JsonRpcTcpServer(Receiver):
+    """event_stream subscriber (`tcp:127.0.0.1:PORT`). In reliable mode
+    event_stream sends JSON-RPC requests with an id, back to back on one
+    connection, and reports the answer to the raiser asynchronously
+    (EVI_ASYNC_STATUS): `answer` = "ok" replies with a result, "error" with
+    an error object."""
+
+    def __init__(self, answer="ok"):
+        super().__init__()
+        self.answer = answer
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.lsock.settimeout(0.05)
+        self.port = self.lsock.getsockname()[1]
+        self.socket = f"tcp:127.0.0.1:{self.port}"
+        self._stop = False
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                conn, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn):
+        decoder = json.JSONDecoder()
+        buf = ""
+        conn.settimeout(0.05)
+        with conn:
+            while not self._stop:
+                try:
+                    data = conn.recv(1 << 16)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data.decode()
+                while True:
+                    buf = buf.lstrip()
+                    try:
+                        msg, end = decoder.raw_decode(buf)
+                    except ValueError:
+                        break
+                    buf = buf[end:]
+                    self._add({"method": msg.get("method"), "params": msg.get("params"),
+                               "raw": msg})
+                    if "id" in msg:
+                        if self.answer == "ok":
+                            reply = {"jsonrpc": "2.0", "id": msg["id"], "result": "OK"}
+                        else:
+                            reply = {"jsonrpc": "2.0", "id": msg["id"],
+                                     "error": {"code": -32000, "message": "refused by test"}}
+                        conn.sendall(json.dumps(reply).encode())
+
+    def close(self):
+        self._stop = True
+        for t in self._threads:
+            t.join(2)
+        self.lsock.close()
+
+
 class Receivers:
     """Factory for receivers of one test; closes them at teardown."""
 
@@ -578,6 +666,11 @@ class Receivers:
     def dead(self):
         """A subscriber whose raise fails at once (unix path nobody bound)."""
         return self.unix(bind=False)
+
+    def tcp(self, answer="ok"):
+        r = JsonRpcTcpServer(answer)
+        self.all.append(r)
+        return r
 
     def flatstore(self):
         r = FlatstoreReceiver(self._path("f").with_suffix(".log"))
@@ -637,5 +730,5 @@ def assert_quiet(receivers, expected, event=None, window=0.3):
 
 def crash_lines(log_text):
     return [l for l in log_text.splitlines()
-            if re.search(r"terminated by signal|segfault|core dumped|signal 11|SIGSEGV|"
-                         r"child process \d+ exited|exited by a signal", l)]
+            if re.search(r"segfault|exited by a signal|terminated by signal|"
+                         r"core dumped|CRITICAL:", l)]
