@@ -659,7 +659,7 @@ class Receivers:
         return r
 
     def unix(self, bind=True):
-        r = UnixReceiver(self._path("u") .with_suffix(".sock"), bind=bind)
+        r = UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind)
         self.all.append(r)
         return r
 

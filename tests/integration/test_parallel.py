@@ -2,7 +2,7 @@
 
 import pytest
 
-from evvharness import assert_quiet, raise_one, virtual, wait_until
+from evvharness import assert_quiet, raise_one, virtual
 
 
 def test_every_subscriber_gets_every_event(srv, recv):

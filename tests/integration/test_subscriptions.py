@@ -57,6 +57,22 @@ def test_subscribing_twice_delivers_once(srv, recv):
     assert_quiet([a, b], [1, 1], ev)
 
 
+def test_refresh_releases_the_new_socket(srv, recv):
+    """A matching subscribe refreshes the old subscription; the socket parsed
+    for it (with its UDP sub-sockets) is freed, every time."""
+    a, b = recv.udp(2)
+    ev = srv.new_event()
+    sock = virtual("ROUND-ROBIN", a, b)
+    srv.subscribe(ev, sock)
+    srv.subscribe(ev, sock)
+    baseline = srv.shm_used()
+    for _ in range(5):
+        srv.subscribe(ev, sock)
+    assert srv.shm_used() == baseline, "refreshing a subscription leaks shared memory"
+    assert srv.subscribers(ev) == [sock]
+    assert raise_one(srv, ev, 0, [a, b]) == [0]
+
+
 def test_failover_in_other_order_is_another_subscription(srv, recv):
     a, b = recv.udp(2)
     ev = srv.new_event()
