@@ -1,0 +1,105 @@
+//! The synchronous raise path allocates nothing: every policy's delivery,
+//! over subscribers that succeed and that fail, is run under an allocator
+//! that counts, and must not call it.  (The FFI layer adds only the calls
+//! into the transports around this; it formats text only to log a failure,
+//! a health change, or at DBG.)
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::AtomicU64;
+
+use event_virtual::policy::{Attempt, Driver, Health, Progress, Rules, Transition, deliver};
+use event_virtual::socket::Policy;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+struct Sub(Health);
+
+impl AsRef<Health> for Sub {
+    fn as_ref(&self) -> &Health {
+        &self.0
+    }
+}
+
+/// Subscribers up or down by a fixed pattern; nothing stored per attempt.
+struct Pattern<'a> {
+    up: &'a [bool],
+    transitions: u32,
+}
+
+impl Driver for Pattern<'_> {
+    fn attempt(&mut self, i: usize, _: &event_virtual::policy::Walk) -> Attempt {
+        if self.up[i] {
+            Attempt::Taken
+        } else {
+            Attempt::Failed
+        }
+    }
+    fn transition(&mut self, _: usize, _: Transition) {
+        self.transitions += 1;
+    }
+}
+
+#[test]
+fn delivering_allocates_nothing() {
+    let subs: Vec<Sub> = (0..8).map(|_| Sub(Health::default())).collect();
+    let rotation = AtomicU64::new(0);
+    let patterns: [&[bool]; 3] = [
+        &[true; 8],
+        &[false, true, false, true, true, true, true, true],
+        &[false; 8],
+    ];
+    for rules in [Rules { window_ms: 1000 }, Rules { window_ms: 0 }] {
+        for policy in Policy::ALL {
+            for up in patterns {
+                let mut driver = Pattern {
+                    up,
+                    transitions: 0,
+                };
+                let before = allocations();
+                for now in 0..1000u64 {
+                    let progress = deliver(policy, &rotation, &subs, rules, now * 7, &mut driver);
+                    assert!(matches!(progress, Progress::Done(_)));
+                }
+                assert_eq!(
+                    allocations() - before,
+                    0,
+                    "{policy:?} over {up:?} allocated"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    // the check above could not fail if the counter missed them
+    let before = allocations();
+    let v = std::hint::black_box(vec![1u8; 16]);
+    drop(v);
+    assert!(allocations() > before);
+}
