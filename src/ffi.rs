@@ -673,7 +673,10 @@ fn count(out: Outcome) {
             (out.taken > 0 && !delivered).into(),
         );
     } else {
-        stat(sys::evv_stat_EVV_ST_FAILOVERS, out.attempts.saturating_sub(1));
+        stat(
+            sys::evv_stat_EVV_ST_FAILOVERS,
+            out.attempts.saturating_sub(1),
+        );
     }
 }
 
@@ -704,13 +707,12 @@ pub extern "C" fn evv_rs_raise(
         };
         let rules = rules();
         let now = now_ms();
-        let progress =
-            Walk::begin(vsock.policy, &vsock.rotation, vsock.subs(), rules, now).run(
-                vsock.subs(),
-                rules,
-                now,
-                &mut driver,
-            );
+        let progress = Walk::begin(vsock.policy, &vsock.rotation, vsock.subs(), rules, now).run(
+            vsock.subs(),
+            rules,
+            now,
+            &mut driver,
+        );
         match progress {
             // accepted: the chain reports on its own
             Progress::Pending => 0,
@@ -918,7 +920,13 @@ unsafe extern "C" fn evv_probe_status(param: *mut c_void, status: sys::evi_statu
                 chain: null_mut(),
             };
             let ok = status == sys::evi_status_EVI_STATUS_SUCCESS;
-            policy::record(vsock.subs(), (*probe).index as usize, ok, now_ms(), &mut driver);
+            policy::record(
+                vsock.subs(),
+                (*probe).index as usize,
+                ok,
+                now_ms(),
+                &mut driver,
+            );
             Probe::free(probe);
         }
     })
@@ -1001,14 +1009,22 @@ impl MiItem {
         let (n, l) = MiItem::name(name);
         // SAFETY: self is a live item of a response under construction.
         let item = unsafe { sys::add_mi_array(self.0, n, l) };
-        if item.is_null() { Err(MiFull) } else { Ok(MiItem(item)) }
+        if item.is_null() {
+            Err(MiFull)
+        } else {
+            Ok(MiItem(item))
+        }
     }
 
     /// A nameless object, for an array.
     fn element(&self) -> Result<MiItem, MiFull> {
         // SAFETY: as for array.
         let item = unsafe { sys::add_mi_object(self.0, null_mut(), 0) };
-        if item.is_null() { Err(MiFull) } else { Ok(MiItem(item)) }
+        if item.is_null() {
+            Err(MiFull)
+        } else {
+            Ok(MiItem(item))
+        }
     }
 
     fn string(&self, name: &str, value: &[u8]) -> Result<(), MiFull> {
@@ -1079,11 +1095,7 @@ fn mi_list(filter: Option<&[u8]>) -> *mut sys::mi_response_t {
     let name_ptr = name.as_mut().map_or(null(), |n| n as *const str_);
     // SAFETY: the visitor is given our list and copies into it.
     let rc = unsafe {
-        sys::evv_walk_virtual(
-            name_ptr,
-            Some(evv_visit),
-            (&raw mut list).cast::<c_void>(),
-        )
+        sys::evv_walk_virtual(name_ptr, Some(evv_visit), (&raw mut list).cast::<c_void>())
     };
     if rc < 0 {
         let event = socket::quote(filter.unwrap_or_default());
@@ -1122,7 +1134,9 @@ pub extern "C" fn evv_rs_mi_list_event(
         let name = c"event";
         // SAFETY: params are the core's for this call; s and len are set to
         // the parameter's bytes, valid for the call.
-        let rc = unsafe { sys::get_mi_string_param(params, name.as_ptr() as *mut c_char, &mut s, &mut len) };
+        let rc = unsafe {
+            sys::get_mi_string_param(params, name.as_ptr() as *mut c_char, &mut s, &mut len)
+        };
         if rc < 0 {
             return mi_error(400, "the 'event' parameter must be a string");
         }

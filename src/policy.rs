@@ -29,7 +29,9 @@ pub enum State {
     /// event that reaches it, and recovers if it takes it.
     Failing,
     /// Inside its failover window: passed over for this long yet.
-    Skipped { for_ms: u64 },
+    Skipped {
+        for_ms: u64,
+    },
 }
 
 /// A change in a subscriber's health, reported once per change.
@@ -268,7 +270,11 @@ impl Walk {
 
     fn next<S: AsRef<Health>>(&mut self, subs: &[S], window_ms: u64, now_ms: u64) -> Option<usize> {
         let n = self.n;
-        let passes = if self.policy == Policy::Parallel { 1 } else { 2 };
+        let passes = if self.policy == Policy::Parallel {
+            1
+        } else {
+            2
+        };
         while self.step < passes * n {
             let k = self.step;
             self.step += 1;
@@ -293,7 +299,13 @@ impl Walk {
 /// Record subscriber `i`'s result and report the change it makes, if any.
 /// Asynchronous reports come here too, through [`Walk::resume`]; a
 /// PARALLEL subscriber's report, which continues nothing, through this.
-pub fn record<S: AsRef<Health>, D: Driver>(subs: &[S], i: usize, ok: bool, now_ms: u64, driver: &mut D) {
+pub fn record<S: AsRef<Health>, D: Driver>(
+    subs: &[S],
+    i: usize,
+    ok: bool,
+    now_ms: u64,
+    driver: &mut D,
+) {
     if let Some(t) = subs[i].as_ref().record(ok, now_ms) {
         driver.transition(i, t);
     }
@@ -511,7 +523,9 @@ mod tests {
     fn round_robin_moves_a_failed_event_on_and_loses_nothing() {
         let s = Socket::new(Policy::RoundRobin, 3);
         let mut f = Fake::new(&[true, false, true]);
-        let all: Vec<bool> = (0..30).map(|t| s.event(&mut f, 10 + t).delivered()).collect();
+        let all: Vec<bool> = (0..30)
+            .map(|t| s.event(&mut f, 10 + t).delivered())
+            .collect();
         assert!(all.iter().all(|&d| d));
         // 1 failed once, then was passed over for the rest of its window
         assert_eq!(f.tried.iter().filter(|&&i| i == 1).count(), 1);

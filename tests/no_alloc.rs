@@ -76,10 +76,7 @@ fn delivering_allocates_nothing() {
     for rules in [Rules { window_ms: 1000 }, Rules { window_ms: 0 }] {
         for policy in Policy::ALL {
             for up in patterns {
-                let mut driver = Pattern {
-                    up,
-                    transitions: 0,
-                };
+                let mut driver = Pattern { up, transitions: 0 };
                 let before = allocations();
                 for now in 0..1000u64 {
                     let progress = deliver(policy, &rotation, &subs, rules, now * 7, &mut driver);
