@@ -135,9 +135,8 @@ pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
     let mut subs = Vec::new();
     for token in toks {
         if subs.len() == MAX_SUBSCRIBERS {
-            return Err(ParseError::TooManySubscribers(
-                MAX_SUBSCRIBERS + 1 + tokens(input).skip(MAX_SUBSCRIBERS + 2).count(),
-            ));
+            // all tokens but the policy
+            return Err(ParseError::TooManySubscribers(tokens(input).count() - 1));
         }
         subs.push(sub_token(token)?);
     }

@@ -106,3 +106,91 @@ def recv():
     yield r
     r.close()
     shutil.rmtree(d, ignore_errors=True)
+
+
+# ==========================================================================
+# Asynchronous transports (issue "Asynchronous transports"): servers with
+# event_stream's timeout set and extra transport modules loaded, and a
+# throw-away RabbitMQ broker. Appended section: nothing above is changed.
+#
+# A test module may set, besides FAILOVER_TIMEOUT:
+#   STREAM_TIMEOUT_MS = N   modparam("event_stream", "timeout", N)
+#   EXTRA_MODULES = [("event_rabbitmq", [("param", value), ...]), ...]
+# and use the fixture `xsrv` (its module-wide server with those options) or
+# `make_xsrv(**options)` (servers of the test's own, stopped at teardown).
+# ==========================================================================
+
+from evvharness import (BrokerError, OpenSipsX, RabbitMQBroker,  # noqa: E402
+                        async_receivers)
+
+
+def _xserver_kwargs(request):
+    kw = _server_kwargs(request)
+    kw["stream_timeout"] = getattr(request.module, "STREAM_TIMEOUT_MS", None)
+    kw["extra_modules"] = getattr(request.module, "EXTRA_MODULES", ())
+    return kw
+
+
+class _SharedServerX(_SharedServer):
+    def get(self):
+        if self.server is None or not self.server.alive():
+            if self.server is not None:
+                self.server.stop()
+            self.server = OpenSipsX(self.tmp_path_factory.mktemp("opensips"), **self.kw).start()
+        return self.server
+
+
+@pytest.fixture(scope="module")
+def _shared_xserver(request, tmp_path_factory):
+    holder = _SharedServerX(tmp_path_factory, **_xserver_kwargs(request))
+    yield holder
+    holder.stop()
+
+
+@pytest.fixture
+def xsrv(request, _shared_xserver):
+    """The module's shared OpenSipsX server (tests use distinct event names)."""
+    server = _shared_xserver.get()
+    yield server
+    _check_survived(request, server, "during this test")
+
+
+@pytest.fixture
+def make_xsrv(request, tmp_path_factory):
+    """make_xsrv(**overrides) -> a started OpenSipsX of this test's own."""
+    servers = []
+
+    def make(**overrides):
+        kw = _xserver_kwargs(request)
+        kw.update(overrides)
+        s = OpenSipsX(tmp_path_factory.mktemp("opensips"), **kw).start()
+        servers.append(s)
+        return s
+
+    yield make
+    try:
+        for s in servers:
+            _check_survived(request, s, "during this test")
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
+def jrpc(recv):
+    """jrpc(mode) -> a ControlledJsonRpcServer ("ok" | "error" | "hold")."""
+    return async_receivers(recv)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker():
+    """A RabbitMQ broker on free loopback ports, for the whole session.
+    Cannot be started: the tests that use it fail, with the reason."""
+    broker = RabbitMQBroker()
+    try:
+        broker.start()
+    except BrokerError as e:
+        broker.stop()
+        pytest.fail(f"RabbitMQ broker not available: {e}", pytrace=False)
+    yield broker
+    broker.stop()

@@ -732,3 +732,397 @@ def crash_lines(log_text):
     return [l for l in log_text.splitlines()
             if re.search(r"segfault|exited by a signal|terminated by signal|"
                          r"core dumped|CRITICAL:", l)]
+
+
+# ==========================================================================
+# Asynchronous transports (issue "Asynchronous transports"): event_stream
+# in reliable mode with a controllable JSON-RPC server, extra transport
+# modules (event_rabbitmq) and a throw-away RabbitMQ broker.
+# Appended section: nothing above is changed by it.
+# ==========================================================================
+
+import pwd as _pwd  # noqa: E402
+import shutil as _shutil  # noqa: E402
+import tempfile as _tempfile  # noqa: E402
+
+
+def free_tcp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_tcp_port():
+    """A loopback TCP port nobody listens on: a connect is refused at once."""
+    return free_tcp_port()
+
+
+class OpenSipsX(OpenSips):
+    """OpenSips with options for the asynchronous transports:
+
+    stream_timeout  modparam("event_stream", "timeout", ms): how long
+                    event_stream waits for a JSON-RPC answer before it
+                    reports a failure (checked about once a second by its
+                    sender process, so a timeout shows within ms + ~1 s);
+    extra_modules   [(module_name, [(param, value), ...]), ...] loaded
+                    before the module under test (event_rabbitmq ...)."""
+
+    def __init__(self, workdir, stream_timeout=None, extra_modules=(), **kw):
+        super().__init__(workdir, **kw)
+        self.stream_timeout = stream_timeout
+        self.extra_modules = list(extra_modules)
+
+    def _write_cfg(self):
+        super()._write_cfg()
+        anchor = 'modparam("event_stream", "reliable_mode", 1)\n'
+        lines = []
+        if self.stream_timeout is not None:
+            lines.append(f'modparam("event_stream", "timeout", {int(self.stream_timeout)})')
+        for mod, params in self.extra_modules:
+            lines.append(f'loadmodule "{mod}.so"')
+            for name, value in params:
+                v = value if isinstance(value, int) else json.dumps(str(value))
+                lines.append(f'modparam("{mod}", "{name}", {v})')
+        text = self.cfg_path.read_text()
+        assert anchor in text, "harness: CFG_TEMPLATE changed, update OpenSipsX"
+        self.cfg_path.write_text(text.replace(anchor, anchor + "".join(l + "\n" for l in lines), 1))
+
+    def start(self, attempts=3):
+        missing = [OPENSIPS_SRC / "modules" / m / f"{m}.so"
+                   for m in ["event_stream"] + [m for m, _ in self.extra_modules]]
+        missing = [str(p) for p in missing if not p.is_file()]
+        if missing:
+            pytest.fail(f"{', '.join(missing)} not found: build the module(s) in {OPENSIPS_SRC} "
+                        f"(event_rabbitmq needs librabbitmq-dev)", pytrace=False)
+        return super().start(attempts)
+
+    # ---- observability of the module under test -------------------------
+
+    def virtual_stats(self):
+        """event_virtual:* statistics as {short_name: int}."""
+        res = self.get_statistics(["event_virtual:"])
+        return {k.split(":", 1)[1]: int(v) for k, v in res.items()
+                if k.startswith("event_virtual:")}
+
+    def virtual_list(self, event):
+        """event_virtual_list for one event: its list of subscriptions."""
+        return self.mi("event_virtual_list", {"event": event}).get("Subscriptions", [])
+
+
+class ControlledJsonRpcServer(Receiver):
+    """event_stream subscriber (`tcp:127.0.0.1:PORT`) whose answer can be
+    changed at any time: mode "ok" (a result), "error" (an error object) or
+    "hold" (no answer now: the request is kept, to be answered later with
+    release() - or never, which is a silent server).
+
+    events() is every request that reached the server (an attempt, not
+    necessarily a delivery)."""
+
+    def __init__(self, mode="ok"):
+        super().__init__()
+        self._mode = mode
+        self._held = []  # (conn, request)
+        self._mlock = threading.Lock()
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.lsock.settimeout(0.05)
+        self.port = self.lsock.getsockname()[1]
+        self.socket = f"tcp:127.0.0.1:{self.port}"
+        self._stop = False
+        self._conns = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def set_mode(self, mode):
+        assert mode in ("ok", "error", "hold")
+        with self._mlock:
+            self._mode = mode
+
+    def held(self):
+        with self._mlock:
+            return [req for _, req in self._held]
+
+    def release(self, answer_for=lambda req: "ok", limit=None):
+        """Answer the held requests (the first `limit` of them, default all);
+        answer_for(request) -> "ok" | "error". Note: event_stream cannot take
+        more than a few answers arriving in one read (it then drops the
+        connection and fails what is pending on it): release one at a time
+        and wait for its effect when that matters."""
+        with self._mlock:
+            n = len(self._held) if limit is None else limit
+            held, self._held = self._held[:n], self._held[n:]
+        for conn, req in held:
+            self._reply(conn, req, answer_for(req))
+        return [req for _, req in held]
+
+    @staticmethod
+    def _reply(conn, req, answer):
+        if answer == "ok":
+            reply = {"jsonrpc": "2.0", "id": req["id"], "result": "OK"}
+        else:
+            reply = {"jsonrpc": "2.0", "id": req["id"],
+                     "error": {"code": -32000, "message": "refused by test"}}
+        try:
+            conn.sendall(json.dumps(reply).encode())
+        except OSError:
+            pass
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                conn, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn):
+        decoder = json.JSONDecoder()
+        buf = ""
+        conn.settimeout(0.05)
+        while not self._stop:
+            try:
+                data = conn.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data.decode()
+            while True:
+                buf = buf.lstrip()
+                try:
+                    msg, end = decoder.raw_decode(buf)
+                except ValueError:
+                    break
+                buf = buf[end:]
+                self._add({"method": msg.get("method"), "params": msg.get("params"),
+                           "raw": msg})
+                if "id" not in msg:
+                    continue
+                with self._mlock:
+                    mode = self._mode
+                    if mode == "hold":
+                        self._held.append((conn, msg))
+                if mode != "hold":
+                    self._reply(conn, msg, mode)
+
+    def close(self):
+        self._stop = True
+        for t in self._threads:
+            t.join(2)
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        self.lsock.close()
+
+
+def async_receivers(recv):
+    """Attach a controllable JSON-RPC server factory to a Receivers."""
+    def make(mode="ok"):
+        r = ControlledJsonRpcServer(mode)
+        recv.all.append(r)
+        return r
+    return make
+
+
+def seqs_of(receiver, event):
+    return [seq_of(e) for e in receiver.events(event)]
+
+
+def assert_each_once(receivers, event, seqs, attempts=()):
+    """Every seq in seqs reached exactly one receiver of `receivers` (the
+    live ones), exactly once; `attempts` (failing subscribers) saw each seq
+    at most once. Returns per-live-receiver counts."""
+    seen = {}
+    for i, r in enumerate(receivers):
+        for s in seqs_of(r, event):
+            seen.setdefault(s, []).append(i)
+    lost = [s for s in seqs if s not in seen]
+    dup = {s: who for s, who in seen.items() if len(who) > 1}
+    extra = [s for s in seen if s not in seqs]
+    assert not lost and not dup and not extra, (
+        f"{event}: lost {lost}, delivered more than once {dup}, unexpected {extra}; "
+        f"counts {[r.count(event) for r in receivers]}")
+    for r in attempts:
+        got = seqs_of(r, event)
+        assert len(got) == len(set(got)), f"{r} was tried twice with one event: {sorted(got)}"
+    return [r.count(event) for r in receivers]
+
+
+# --------------------------------------------------------------------------
+# RabbitMQ broker (Debian's rabbitmq-server), loopback only, as `rabbitmq`
+# --------------------------------------------------------------------------
+
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+
+class BrokerError(AssertionError):
+    pass
+
+
+class RabbitMQBroker:
+    """A throw-away broker: its own node name, ports, data and log dirs (a
+    temp dir owned by the rabbitmq user), its own epmd on a free loopback
+    port; run as the rabbitmq user in its own process group."""
+
+    START_TIMEOUT = 60.0
+
+    def __init__(self):
+        self.proc = None
+        self.dir = None
+        self.amqp_port = self.dist_port = self.epmd_port = None
+
+    def _env(self):
+        d = self.dir
+        return {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(d),  # .erlang.cookie
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "RABBITMQ_NODENAME": "evv@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            # the distribution listener would bind every interface otherwise
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "rabbitmq.pid"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+        }
+
+    def start(self):
+        if not RABBITMQ_SERVER.is_file():
+            raise BrokerError(f"{RABBITMQ_SERVER} not found: install Debian's rabbitmq-server")
+        try:
+            pw = _pwd.getpwnam("rabbitmq")
+        except KeyError:
+            raise BrokerError("no `rabbitmq` user: install Debian's rabbitmq-server")
+        if os.geteuid() != 0:
+            raise BrokerError("starting the broker as the rabbitmq user needs root")
+        try:
+            import logging
+            import pika  # noqa: F401
+            # pika logs every refused connect while the broker boots
+            logging.getLogger("pika").setLevel(logging.CRITICAL)
+        except ImportError:
+            raise BrokerError("python module pika missing: pip install -r tests/requirements.txt")
+        self.dir = Path(_tempfile.mkdtemp(prefix="evv-rmq-", dir="/tmp"))
+        self.amqp_port, self.dist_port, self.epmd_port = (free_tcp_port() for _ in range(3))
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
+            "loopback_users.guest = true\n"
+            "log.console = false\n"
+            "log.file.level = info\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "advanced.config").write_text("[].\n")
+        for p in [self.dir, *self.dir.iterdir()]:
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.dir, 0o755)
+        self.out = self.dir / "console.log"
+        with open(self.out, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["runuser", "-u", "rabbitmq", "--", str(RABBITMQ_SERVER)],
+                env=self._env(), cwd=self.dir, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.START_TIMEOUT
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"rabbitmq-server exited with status {self.proc.returncode} "
+                                  f"before accepting AMQP:\n{self.log_tail()}")
+            try:
+                self.connect().close()
+                return self
+            except Exception as e:  # not up yet
+                last = e
+                time.sleep(0.2)
+        raise BrokerError(f"rabbitmq-server did not accept AMQP on 127.0.0.1:{self.amqp_port} "
+                          f"within {self.START_TIMEOUT}s (last error: {last!r}):\n{self.log_tail()}")
+
+    def log_tail(self, n=30):
+        parts = []
+        for p in [self.out, *sorted((self.dir / "log").glob("*.log"))] if self.dir else []:
+            try:
+                parts.append(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def connect(self):
+        import pika
+        return pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", self.amqp_port, credentials=pika.PlainCredentials("guest", "guest"),
+            connection_attempts=1, socket_timeout=2, blocked_connection_timeout=5))
+
+    def socket(self, queue, port=None):
+        """The event_rabbitmq socket publishing to `queue` (default exchange)."""
+        return f"rabbitmq:guest:guest@127.0.0.1:{port or self.amqp_port}/{queue}"
+
+    def declare(self, queue):
+        c = self.connect()
+        try:
+            c.channel().queue_declare(queue, durable=False, auto_delete=False)
+        finally:
+            c.close()
+        return queue
+
+    def queue_count(self, queue):
+        c = self.connect()
+        try:
+            return c.channel().queue_declare(queue, passive=True).method.message_count
+        finally:
+            c.close()
+
+    def drain(self, queue):
+        """Every message in the queue now, decoded (JSON-RPC notifications)."""
+        c = self.connect()
+        out = []
+        try:
+            ch = c.channel()
+            while True:
+                method, _props, body = ch.basic_get(queue, auto_ack=True)
+                if method is None:
+                    return out
+                try:
+                    out.append(json.loads(body))
+                except ValueError:
+                    out.append({"raw": body})
+        finally:
+            c.close()
+
+    def stop(self):
+        if self.proc is not None:
+            for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    continue
+                if not _group_alive(self.proc.pid):
+                    break
+            self.proc = None
+        if self.epmd_port:
+            # epmd daemonizes into a session of its own: ask it to stop
+            subprocess.run(["epmd", "-kill"], env={
+                "PATH": "/usr/sbin:/usr/bin:/bin", "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": "127.0.0.1"}, capture_output=True, timeout=10)
+        if self.dir:
+            _shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
