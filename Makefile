@@ -2,6 +2,7 @@
 #
 #   make                      build ./event_virtual.so
 #   make test                 cargo tests, then the integration tests
+#   make bench                raises per second, this module and the C one
 #   make install              copy it into that OpenSIPS's modules folder
 #   make clean
 #
@@ -21,7 +22,7 @@ export OPENSIPS_SRC
 MODULE := event_virtual.so
 BUILT := $(CARGO_TARGET_DIR)/release/libevent_virtual.so
 
-.PHONY: all check-tree build test unit-test integration-test install clean
+.PHONY: all check-tree build test unit-test integration-test bench install clean
 
 all: build
 
@@ -46,6 +47,11 @@ integration-test: build
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) -m pytest -q tests/integration
 
 test: unit-test integration-test
+
+# raises per second side by side with the C module, when the tree has it
+# built; BENCH_ARGS="--workers 2 --events 8000 --rounds 5" are the defaults
+bench: build
+	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 MODULES_DIR ?= $(shell $(MAKE) -s --no-print-directory -C $(OPENSIPS_SRC) \
 	-f $(CURDIR)/opensips-headers/tree.mk evv-modules-dir 2>/dev/null)
