@@ -1115,6 +1115,9 @@ class RabbitMQBroker:
                     self.proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
                     continue
+                deadline = time.monotonic() + grace
+                while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 if not _group_alive(self.proc.pid):
                     break
             self.proc = None
@@ -1123,6 +1126,18 @@ class RabbitMQBroker:
             subprocess.run(["epmd", "-kill"], env={
                 "PATH": "/usr/sbin:/usr/bin:/bin", "ERL_EPMD_PORT": str(self.epmd_port),
                 "ERL_EPMD_ADDRESS": "127.0.0.1"}, capture_output=True, timeout=10)
+
+            def epmd_gone():
+                try:
+                    socket.create_connection(("127.0.0.1", self.epmd_port), 0.2).close()
+                    return False
+                except OSError:
+                    return True
+            try:
+                wait_until(epmd_gone, 10, "epmd to stop", interval=0.05)
+            except AssertionError:
+                pass  # teardown: nothing more to do about it
+            self.epmd_port = None
         if self.dir:
             _shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None

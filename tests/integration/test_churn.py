@@ -1,0 +1,451 @@
+"""Reliability: subscription churn while worker processes raise without pause.
+
+One event per policy (FAILOVER, ROUND-ROBIN, PARALLEL). Each has
+  * a direct UDP subscriber, the *sentinel*: it gets every raise of its
+    event exactly once, so the test knows how many raises happened;
+  * a permanent virtual subscription with receivers of its own;
+  * churned virtual subscriptions built from a shared pool of healthy
+    receivers (UDP, unix datagram, flatstore), subscribed, refreshed,
+    unsubscribed (expire 0) and left to expire (expire 1-2 s), well over a
+    thousand operations in all,
+while a background thread keeps SIP requests with X-Count bursts flowing, so
+that both SIP workers raise the three events during the whole churn (flow
+control on the sentinels keeps the backlog small).
+
+At the end: the server is up and logged no crash, exactly the subscriptions
+the test left are listed (subscribers_list and event_virtual_list), every
+raise is accounted for (sentinels, permanent receivers, module statistics
+against the datagrams and lines the receivers got), and once the churned
+subscriptions are gone shmem:used_size is back within 64 KiB.
+
+Every subscriber is healthy and synchronous, so every event is delivered:
+FAILOVER and ROUND-ROBIN to exactly one subscriber, PARALLEL to both of its
+two subscribers (every PARALLEL socket here has exactly two).
+"""
+
+import random
+import re
+import threading
+import time
+from collections import Counter
+
+from evvharness import crash_lines, wait_until
+
+SEED = 20240611
+OPS = 1200                 # subscribe / refresh / unsubscribe / expire operations
+BURST = 25                 # raises per SIP request (X-Count)
+MAX_OUTSTANDING = 4 * BURST
+SHM_SLACK = 64 * 1024
+STATS = ("events", "events_delivered", "events_failed", "events_incomplete", "failovers")
+POLICIES = ("FAILOVER", "ROUND-ROBIN", "PARALLEL")
+CHURN_TAG = "churn"
+WARM = 5                   # warm-up raises per event
+CHECKPOINT = 40            # operations between two checks that raises go on
+
+
+# ---- helpers ---------------------------------------------------------------
+
+def _stats(srv):
+    res = srv.get_statistics(["event_virtual:"])
+    return {s: int(res[f"event_virtual:{s}"]) for s in STATS}
+
+
+def _tag_of(ev):
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("tag")
+    if isinstance(p, list) and p:      # flatstore: EVENT,pid,i,tag
+        return p[-1]
+    return None
+
+
+def _count(receiver, event, tag=CHURN_TAG):
+    return sum(1 for e in receiver.events(event) if _tag_of(e) == tag)
+
+
+def _canon(sock):
+    """A virtual socket as the set key the module matches on."""
+    assert sock.startswith("virtual:"), sock
+    policy, *subs = sock[len("virtual:"):].split()
+    return (policy, tuple(sorted(subs)) if policy == "PARALLEL" else tuple(subs))
+
+
+def _text(key):
+    policy, subs = key
+    return "virtual:" + policy + " " + " ".join(subs)
+
+
+class Raiser(threading.Thread):
+    """Keeps SIP requests with X-Count bursts going to the workers, over the
+    three events in turn, until stopped; never more than MAX_OUTSTANDING
+    raises ahead of what the sentinels have seen."""
+
+    def __init__(self, srv, events, sentinels):
+        super().__init__(daemon=True)
+        self.srv, self.events, self.sentinels = srv, events, sentinels
+        self.sent = Counter()
+        self.stop_flag = threading.Event()
+        self.error = None
+
+    def done(self):
+        """Raises of the churn the sentinels got (all but the warm-up's)."""
+        return sum(self.sentinels[e].count(e) - WARM for e in self.events)
+
+    def outstanding(self):
+        return sum(self.sent.values()) - self.done()
+
+    def run(self):
+        try:
+            k = 0
+            deadline_stall = None
+            while not self.stop_flag.is_set():
+                if self.outstanding() > MAX_OUTSTANDING:
+                    # the workers are behind: wait for them (but notice a
+                    # server that stopped raising altogether)
+                    if deadline_stall is None:
+                        deadline_stall = time.monotonic() + 20
+                    elif time.monotonic() > deadline_stall:
+                        raise AssertionError("raises stalled for 20 s")
+                    time.sleep(0.001)
+                    continue
+                deadline_stall = None
+                ev = self.events[k % len(self.events)]
+                k += 1
+                self.srv.send_sip(ev, count=BURST, tag=CHURN_TAG)
+                self.sent[ev] += BURST
+        except Exception as exc:  # reported by the test
+            self.error = exc
+
+
+# ---- the test --------------------------------------------------------------
+
+def test_churn_while_workers_raise(own_srv, recv):
+    srv = own_srv
+    rnd = random.Random(SEED)
+    events = {p: srv.new_event() for p in POLICIES}
+    evlist = [events[p] for p in POLICIES]
+
+    # sentinels and permanent subscriptions
+    sentinels = {}
+    for ev in evlist:
+        sentinels[ev] = recv.udp()
+        srv.subscribe(ev, sentinels[ev].socket)
+    perm_fo = recv.udp(2)
+    perm_rr = recv.udp(3)
+    # event_flatstore frees the wrong socket when one that is not the newest
+    # of its list goes (OpenSIPS 3.6.8 and 4.0.1, flat_free: `it->next =
+    # it->next->next; shm_free(it->next);`), and crashes on a later raise,
+    # with or without event_virtual. So flatstore is a subscriber of a
+    # permanent subscription (its socket lives to the end; refreshes parse
+    # and free a newest one, which is safe) and not of the churned ones.
+    flat = recv.flatstore()
+    perm_par = [recv.udp(), flat]
+    perm = {
+        "FAILOVER": (perm_fo, "virtual:FAILOVER " + " ".join(r.socket for r in perm_fo)),
+        "ROUND-ROBIN": (perm_rr, "virtual:ROUND-ROBIN " + " ".join(r.socket for r in perm_rr)),
+        "PARALLEL": (perm_par, "virtual:PARALLEL " + " ".join(r.socket for r in perm_par)),
+    }
+    for p, (_, sock) in perm.items():
+        srv.subscribe(events[p], sock)
+
+    # the pool the churned subscriptions are made of. A unix datagram
+    # receiver's queue is short (net.unix.max_dgram_qlen), so under this load
+    # event_datagram's send to it may fail (EAGAIN): the only subscriber
+    # allowed to fail; the UDP ones have deep buffers and never do.
+    unix = recv.unix()
+    pool = recv.udp(4) + [unix]
+    tokens = [r.socket for r in pool]
+
+    def random_key(policy):
+        if policy == "PARALLEL":
+            subs = rnd.choices(tokens, k=2)        # duplicates allowed
+            return (policy, tuple(sorted(subs)))
+        return (policy, tuple(rnd.choices(tokens, k=rnd.randint(1, 3))))
+
+    def text_for(key):
+        policy, subs = key
+        if policy == "PARALLEL":                   # any order is the same one
+            subs = list(subs)
+            rnd.shuffle(subs)
+        return "virtual:" + policy + " " + " ".join(subs)
+
+    # warm up every transport once (lazy allocations, flatstore's file), then
+    # take the baselines with nothing churned subscribed
+    warm = [(p, (p, tuple(sorted(tokens[:2])) if p == "PARALLEL" else tuple(tokens)))
+            for p in POLICIES]
+    perm_keys = {p: _canon(perm[p][1]) for p in POLICIES}
+    for p, key in warm:
+        srv.subscribe(events[p], _text(key))
+    for ev in evlist:
+        srv.send_sip(ev, count=WARM, tag="warm")
+    for ev in evlist:
+        wait_until(lambda: _count(sentinels[ev], ev, "warm") == WARM, 10, f"warm-up raises of {ev}")
+    for p, key in warm:
+        srv.unsubscribe(events[p], _text(key))
+    wait_until(lambda: all(len(srv.subscribers(ev)) == 2 for ev in evlist), 5,
+               "the warm-up subscriptions to go", interval=0.05)
+    baseline_subs = {ev: sorted(srv.subscribers(ev)) for ev in evlist}
+    shm0 = srv.shm_used()
+    stats0 = _stats(srv)
+    mark = srv.log.mark()
+
+    # ---- churn while the workers raise -----------------------------------
+    raiser = Raiser(srv, evlist, sentinels)
+    model = {}                  # key -> expire of its last subscribe
+    live = {p: set() for p in POLICIES}    # keys whose last op had a long expire
+    ops = Counter()
+    history = {}                # (event, key) -> [(time, op, expire, text)]
+    raiser.start()
+    t_start = time.monotonic()
+    try:
+        for n in range(OPS):
+            if raiser.error:
+                break
+            if n % CHECKPOINT == 0:
+                # the workers keep raising all along the churn
+                target = raiser.done() + BURST
+                wait_until(lambda: raiser.done() >= target or raiser.error, 20,
+                           f"raises to go on during the churn (op {n})", interval=0.001)
+            p = POLICIES[n % 3]
+            ev = events[p]
+            nlive = len(live[p])
+            # PARALLEL has 15 two-subscriber multisets of 5 tokens: stay below
+            cap = 10 if p == "PARALLEL" else 30
+            r = rnd.random()
+            if nlive < 6 or (nlive < cap and r < 0.3):
+                op = "subscribe"
+            elif r < 0.55:
+                op = "refresh"
+            elif r < 0.8 or nlive >= cap:
+                op = "unsubscribe"
+            else:
+                op = "expire"
+            if op == "subscribe":
+                for _ in range(1000):
+                    key = random_key(p)
+                    if key not in live[p]:
+                        break
+                else:
+                    raise AssertionError("harness: no free subscriber combination")
+                expire = rnd.choice((600, 3600))
+            elif op == "refresh":
+                # sometimes the permanent one (flatstore is in its PARALLEL)
+                key = perm_keys[p] if rnd.random() < 0.25 else rnd.choice(sorted(live[p]))
+                expire = rnd.choice((600, 3600, 7200))
+            elif op == "unsubscribe":
+                key = rnd.choice(sorted(live[p]))
+                expire = 0
+            else:
+                # a live one shortened, or a new one, left to expire by itself
+                key = rnd.choice(sorted(live[p])) if rnd.random() < 0.5 else random_key(p)
+                expire = rnd.choice((1, 2))
+            text = text_for(key)
+            srv.subscribe(ev, text, expire=expire)
+            history.setdefault((ev, key), []).append(
+                (round(time.time(), 3), op, expire, text))
+            ops[op] += 1
+            if key == perm_keys[p]:
+                continue
+            model[(ev, key)] = expire
+            if expire > 2:
+                live[p].add(key)
+            else:
+                live[p].discard(key)
+        t_churn = time.monotonic() - t_start
+    finally:
+        raiser.stop_flag.set()
+        raiser.join(30)
+    assert raiser.error is None, f"raising thread: {raiser.error!r}"
+    assert sum(ops.values()) == OPS, ops
+    assert all(ops[o] >= 100 for o in ("subscribe", "refresh", "unsubscribe", "expire")), ops
+
+    sent = dict(raiser.sent)
+    srv.assert_alive("after the churn")
+
+    # ---- every raise happened, in both workers ---------------------------
+    for ev in evlist:
+        wait_until(lambda: _count(sentinels[ev], ev) >= sent[ev], 20,
+                   f"{sent[ev]} raises of {ev} at its sentinel (got {_count(sentinels[ev], ev)})")
+    for ev in evlist:
+        assert _count(sentinels[ev], ev) == sent[ev], "a direct subscriber got a raise twice"
+    pids = {e["params"]["pid"] for ev in evlist for e in sentinels[ev].events(ev)
+            if _tag_of(e) == CHURN_TAG}
+    assert len(pids) >= 2, f"harness: all raises ran in one worker process {pids}"
+    total_raises = sum(sent.values())
+    assert total_raises >= 3 * BURST * 5, f"harness: only {total_raises} raises during the churn"
+
+    # ---- the permanent subscriptions got every raise -----------------------
+    def perm_counts():
+        return {p: [_count(r, events[p]) for r in perm[p][0]] for p in POLICIES}
+
+    def perm_done():
+        c = perm_counts()
+        return (sum(c["FAILOVER"]) >= sent[events["FAILOVER"]]
+                and sum(c["ROUND-ROBIN"]) >= sent[events["ROUND-ROBIN"]]
+                and min(c["PARALLEL"]) >= sent[events["PARALLEL"]])
+    wait_until(perm_done, 10, f"permanent subscriptions to get every raise {perm_counts()}")
+    c = perm_counts()
+    assert c["FAILOVER"] == [sent[events["FAILOVER"]], 0], c
+    assert sum(c["ROUND-ROBIN"]) == sent[events["ROUND-ROBIN"]], c
+    assert max(c["ROUND-ROBIN"]) - min(c["ROUND-ROBIN"]) <= 1, (
+        f"ROUND-ROBIN with three healthy subscribers does not share evenly: {c}")
+    assert c["PARALLEL"] == [sent[events["PARALLEL"]]] * 2, c
+
+    # ---- statistics against what the receivers got -------------------------
+    everyone = list(pool) + perm_fo + perm_rr + perm_par
+
+    def copies():
+        """What the receivers got: copies of FAILOVER and ROUND-ROBIN
+        events, copies of PARALLEL events."""
+        fo_rr = sum(_count(r, events[p]) for r in everyone for p in ("FAILOVER", "ROUND-ROBIN"))
+        par = sum(_count(r, events["PARALLEL"]) for r in everyone)
+        return fo_rr, par
+
+    # Every PARALLEL socket has two subscribers: an event delivered (to both)
+    # made two copies, an incomplete one one copy, a failed one none. A
+    # FAILOVER / ROUND-ROBIN event delivered made one copy, a failed one none:
+    #   delivered == fo_rr + (par - incomplete) / 2
+    def settled():
+        d = {k: v - stats0[k] for k, v in _stats(srv).items()}
+        fo_rr, par = copies()
+        if d["events"] == d["events_delivered"] + d["events_failed"] + d["events_incomplete"] \
+                and 2 * d["events_delivered"] == 2 * fo_rr + par - d["events_incomplete"]:
+            return d
+        return None
+    try:
+        d = wait_until(settled, 10, "statistics and receivers to agree", interval=0.05)
+    except AssertionError:
+        d = {k: v - stats0[k] for k, v in _stats(srv).items()}
+        raise AssertionError(f"statistics delta {d} vs deliveries (FAILOVER+ROUND-ROBIN, "
+                             f"PARALLEL copies) {copies()}")
+    fo_rr, par = copies()
+    assert d["events"] == d["events_delivered"] + d["events_failed"] + d["events_incomplete"], d
+    assert 2 * d["events_delivered"] == 2 * fo_rr + par - d["events_incomplete"], (d, fo_rr, par)
+    # only the unix subscriber can fail, and it is in a minority of events
+    assert d["events_delivered"] > 0.5 * d["events"], d
+    # each raise reached at least the permanent virtual subscription of its event
+    assert d["events"] >= total_raises, (d, sent)
+
+    # ---- exactly the expected subscriptions remain -------------------------
+    expected = {ev: {key for (e, key), exp in model.items() if e == ev and exp > 2}
+                for ev in evlist}
+    for p in POLICIES:
+        assert expected[events[p]] == live[p]
+
+    # OpenSIPS core race (3.6.8 and 4.0.1, evi_raise_event_msg): a raiser
+    # saves the socket's flags, sets EVI_PENDING, raises without the lock and
+    # restores the saved flags. When two processes raise the same event at
+    # once, the second saves flags that hold the first one's EVI_PENDING and
+    # puts it back after the first has cleared it: the socket stays PENDING,
+    # which the core never expires ("ttl": "expired" in subscribers_list, and
+    # still raised). Any subscriber, virtual or not, can be caught. Such a
+    # leftover must be one the test unsubscribed or let expire, listed as
+    # expired; a new unsubscribe resets its flags, and then it goes.
+    def listing_state():
+        missing, extra, stuck = {}, {}, {}
+        for p in POLICIES:
+            ev = events[p]
+            want = Counter(expected[ev] | {perm_keys[p]})
+            got, expired = Counter(), Counter()
+            for s in srv.subscribers_list(ev)["Event"]["Subscribers"]:
+                if s["socket"].startswith("virtual:"):
+                    got[_canon(s["socket"])] += 1
+                    if s.get("ttl") == "expired":
+                        expired[_canon(s["socket"])] += 1
+            missing[p] = list((want - got).elements())
+            over = got - want
+            stuck[p] = list((over & expired).elements())
+            extra[p] = list((over - expired).elements())
+        return missing, extra, stuck
+
+    def listing_ok():
+        missing, extra, stuck = listing_state()
+        if any(missing.values()) or any(extra.values()):
+            return None
+        return stuck
+    try:
+        stuck = wait_until(listing_ok, 6, "subscribers_list to show the expected subscriptions",
+                           interval=0.1)
+    except AssertionError:
+        missing, extra, stuck = listing_state()
+        hist = {f"{p}:{k}": history.get((events[p], k))
+                for p in POLICIES for k in missing[p] + extra[p]}
+        raise AssertionError(
+            f"subscribers_list differs from the subscriptions left: missing {missing}, "
+            f"extra {extra}\nnow {time.time():.3f}; operations on them: {hist}")
+    n_stuck = sum(len(v) for v in stuck.values())
+    for p in POLICIES:
+        for key in stuck[p]:
+            assert model.get((events[p], key), 0) <= 2, (key, history.get((events[p], key)))
+            srv.unsubscribe(events[p], _text(key))
+
+    def virtual_listed(ev):
+        return Counter(_canon(s) for s in srv.subscribers(ev) if s.startswith("virtual:"))
+
+    def listing_matches():
+        return all(virtual_listed(events[p]) == Counter(expected[events[p]] | {perm_keys[p]})
+                   for p in POLICIES)
+    wait_until(listing_matches, 5, f"the {n_stuck} subscription(s) stuck by the core's "
+               f"EVI_PENDING race to go once unsubscribed again: {stuck}", interval=0.1)
+    for ev in evlist:
+        direct = [s for s in srv.subscribers(ev) if not s.startswith("virtual:")]
+        assert direct == [sentinels[ev].socket], direct
+
+    vl = srv.mi("event_virtual_list")["Subscriptions"]
+    got = Counter((s["event"], _canon(s["socket"])) for s in vl if s["event"] in evlist)
+    want = Counter({(events[p], _canon(perm[p][1])) for p in POLICIES}
+                   | {(ev, key) for ev in evlist for key in expected[ev]})
+    assert got == want, {"missing": list((want - got).elements()),
+                         "extra": list((got - want).elements())}
+    for s in vl:
+        assert s["policy"] == _canon(s["socket"])[0]
+        assert [x["socket"] for x in s["Subscribers"]] == s["socket"].split()[1:]
+        assert all(x["state"] == "healthy" and x["failures"] == 0
+                   for x in s["Subscribers"] if x["socket"] != unix.socket), s
+    for p in POLICIES:
+        one = [s for s in srv.mi("event_virtual_list", {"event": events[p]})["Subscriptions"]
+               if _canon(s["socket"]) == _canon(perm[p][1])]
+        assert len(one) == 1
+        attempts = [x["attempts"] for x in one[0]["Subscribers"]]
+        warm_n = WARM           # the warm-up raises reached them too
+        if p == "FAILOVER":
+            assert attempts == [sent[events[p]] + warm_n, 0], attempts
+        elif p == "PARALLEL":
+            assert attempts == [sent[events[p]] + warm_n] * 2, attempts
+        else:
+            assert sum(attempts) == sent[events[p]] + warm_n, attempts
+
+    # ---- all churned subscriptions gone: shared memory back ----------------
+    for ev in evlist:
+        for key in expected[ev]:
+            srv.unsubscribe(ev, _text(key))
+    wait_until(lambda: all(sorted(srv.subscribers(ev)) == baseline_subs[ev] for ev in evlist),
+               5, "the last churned subscriptions to go", interval=0.1)
+
+    def shm_back():
+        used = srv.shm_used()
+        return used if abs(used - shm0) <= SHM_SLACK else None
+    try:
+        wait_until(shm_back, 5, "shmem:used_size to return", interval=0.1)
+    except AssertionError:
+        used = srv.shm_used()
+        raise AssertionError(
+            f"shmem:used_size {used} vs {shm0} before the churn: {used - shm0:+d} bytes "
+            f"after {ops['subscribe'] + ops['refresh'] + ops['expire']} subscribes")
+
+    # ---- the server survived ------------------------------------------------
+    srv.assert_alive("at the end of the churn")
+    bad = crash_lines("\n".join(srv.log.lines_since(mark)))
+    bad += [l for l in srv.log.lines_since(mark) if "segfault" in l.lower()]
+    assert not bad, "\n".join(bad)
+    # the only ERROR event_virtual may log: an event lost (every subscriber,
+    # i.e. the unix one, failed it); and health changes only for unix
+    lost = re.compile(r"ERROR:event_virtual:.*event '(E_T\d+)' was not delivered by")
+    errs = srv.log.errors_since(mark, module="event_virtual")
+    assert all(lost.search(l) for l in errs), "\n".join(errs[:10])
+    assert len(errs) <= d["events_failed"], (len(errs), d)
+    warns = [l for l in srv.log.lines_since(mark) if "WARNING:event_virtual" in l]
+    assert all(f"subscriber '{unix.socket}' of" in l for l in warns), "\n".join(warns[:10])
+    print(f"churn: {dict(ops)} in {t_churn:.1f}s; raises {sent}; stats delta {d}; "
+          f"stuck PENDING (core race) {n_stuck}; "
+          f"shm {shm0} -> {srv.shm_used()}")
