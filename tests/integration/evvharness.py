@@ -10,6 +10,7 @@ Everything here talks to a real OpenSIPS over loopback only:
 * ``wait_until`` - every wait is a condition with a deadline.
 """
 
+import ctypes
 import json
 import os
 import re
@@ -35,6 +36,8 @@ EVENT_POOL = [f"E_T{i}" for i in range(40)]
 
 DEFAULT_TIMEOUT = 5.0
 
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
 
 # --------------------------------------------------------------------------
 # generic helpers
@@ -50,6 +53,12 @@ def wait_until(cond, timeout=DEFAULT_TIMEOUT, what="condition", interval=0.005):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def die_with_parent():
+    """For preexec_fn: a test run killed before its teardown (a timeout, ^C
+    twice) must not leave its servers running; they stop with it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_udp_port():
@@ -282,6 +291,7 @@ class OpenSips:
     def _start_once(self):
         def no_core():
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            die_with_parent()
 
         with open(self.log.path, "ab") as logf:
             self.proc = subprocess.Popen(
@@ -1037,7 +1047,8 @@ class RabbitMQBroker:
             self.proc = subprocess.Popen(
                 ["runuser", "-u", "rabbitmq", "--", str(RABBITMQ_SERVER)],
                 env=self._env(), cwd=self.dir, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent)
         deadline = time.monotonic() + self.START_TIMEOUT
         last = None
         while time.monotonic() < deadline:
