@@ -18,8 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evvharness import (EVV_MODULE, OPENSIPS_SRC, OpenSips, Receivers,  # noqa: E402
-                        check_prerequisites)
+from evvharness import (EVV_MODULE, OPENSIPS_SRC, BrokerError, OpenSips,  # noqa: E402
+                        RabbitMQBroker, Receivers, check_prerequisites)
 
 
 def pytest_report_header(config):
@@ -52,7 +52,13 @@ class _SharedServer:
 
 
 def _server_kwargs(request):
-    return {"failover_timeout": getattr(request.module, "FAILOVER_TIMEOUT", None)}
+    """Server options a test module may set: FAILOVER_TIMEOUT = s,
+    STREAM_TIMEOUT_MS = ms (event_stream's timeout), EXTRA_MODULES =
+    [("event_rabbitmq", [("param", value), ...]), ...]."""
+    m = request.module
+    return {"failover_timeout": getattr(m, "FAILOVER_TIMEOUT", None),
+            "stream_timeout": getattr(m, "STREAM_TIMEOUT_MS", None),
+            "extra_modules": getattr(m, "EXTRA_MODULES", ())}
 
 
 @pytest.fixture(scope="module")
@@ -108,62 +114,16 @@ def recv():
     shutil.rmtree(d, ignore_errors=True)
 
 
-# ==========================================================================
-# Asynchronous transports (issue "Asynchronous transports"): servers with
-# event_stream's timeout set and extra transport modules loaded, and a
-# throw-away RabbitMQ broker. Appended section: nothing above is changed.
-#
-# A test module may set, besides FAILOVER_TIMEOUT:
-#   STREAM_TIMEOUT_MS = N   modparam("event_stream", "timeout", N)
-#   EXTRA_MODULES = [("event_rabbitmq", [("param", value), ...]), ...]
-# and use the fixture `xsrv` (its module-wide server with those options) or
-# `make_xsrv(**options)` (servers of the test's own, stopped at teardown).
-# ==========================================================================
-
-from evvharness import (BrokerError, OpenSipsX, RabbitMQBroker,  # noqa: E402
-                        async_receivers)
-
-
-def _xserver_kwargs(request):
-    kw = _server_kwargs(request)
-    kw["stream_timeout"] = getattr(request.module, "STREAM_TIMEOUT_MS", None)
-    kw["extra_modules"] = getattr(request.module, "EXTRA_MODULES", ())
-    return kw
-
-
-class _SharedServerX(_SharedServer):
-    def get(self):
-        if self.server is None or not self.server.alive():
-            if self.server is not None:
-                self.server.stop()
-            self.server = OpenSipsX(self.tmp_path_factory.mktemp("opensips"), **self.kw).start()
-        return self.server
-
-
-@pytest.fixture(scope="module")
-def _shared_xserver(request, tmp_path_factory):
-    holder = _SharedServerX(tmp_path_factory, **_xserver_kwargs(request))
-    yield holder
-    holder.stop()
-
-
 @pytest.fixture
-def xsrv(request, _shared_xserver):
-    """The module's shared OpenSipsX server (tests use distinct event names)."""
-    server = _shared_xserver.get()
-    yield server
-    _check_survived(request, server, "during this test")
-
-
-@pytest.fixture
-def make_xsrv(request, tmp_path_factory):
-    """make_xsrv(**overrides) -> a started OpenSipsX of this test's own."""
+def make_srv(request, tmp_path_factory):
+    """make_srv(**overrides) -> a started server of this test's own, with
+    the test module's options (see _server_kwargs) and the overrides."""
     servers = []
 
     def make(**overrides):
-        kw = _xserver_kwargs(request)
+        kw = _server_kwargs(request)
         kw.update(overrides)
-        s = OpenSipsX(tmp_path_factory.mktemp("opensips"), **kw).start()
+        s = OpenSips(tmp_path_factory.mktemp("opensips"), **kw).start()
         servers.append(s)
         return s
 
@@ -174,12 +134,6 @@ def make_xsrv(request, tmp_path_factory):
     finally:
         for s in servers:
             s.stop()
-
-
-@pytest.fixture
-def jrpc(recv):
-    """jrpc(mode) -> a ControlledJsonRpcServer ("ok" | "error" | "hold")."""
-    return async_receivers(recv)
 
 
 @pytest.fixture(scope="session")

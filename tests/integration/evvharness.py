@@ -67,7 +67,7 @@ def free_udp_port():
         return s.getsockname()[1]
 
 
-def check_prerequisites():
+def check_prerequisites(extra_modules=()):
     """Fail (never skip) with a message that says what to build or set."""
     binary = OPENSIPS_SRC / "opensips"
     problems = []
@@ -75,10 +75,12 @@ def check_prerequisites():
         problems.append(
             f"OpenSIPS binary {binary} not found: set OPENSIPS_SRC to a built "
             f"OpenSIPS source tree (run `make` there)")
-    for mod in ("event_datagram", "event_flatstore", "mi_datagram"):
+    for mod in ("event_datagram", "event_flatstore", "event_stream", "mi_datagram",
+                *extra_modules):
         so = OPENSIPS_SRC / "modules" / mod / f"{mod}.so"
         if binary.is_file() and not so.is_file():
-            problems.append(f"{so} not found: build it (`make modules` in {OPENSIPS_SRC})")
+            problems.append(f"{so} not found: build it (`make modules module={mod}` in "
+                            f"{OPENSIPS_SRC}; event_rabbitmq needs librabbitmq-dev)")
     if not EVV_MODULE.is_file():
         problems.append(
             f"module under test {EVV_MODULE} not found: run `make` in {REPO_ROOT} "
@@ -207,7 +209,7 @@ loadmodule "event_datagram.so"
 loadmodule "event_flatstore.so"
 loadmodule "event_stream.so"
 modparam("event_stream", "reliable_mode", 1)
-loadmodule "{module}"
+{transport_params}loadmodule "{module}"
 {virtual_params}
 
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
@@ -244,7 +246,15 @@ route[raise] {{
 class OpenSips:
     """One OpenSIPS process group with a generated configuration."""
 
-    def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3):
+    def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
+                 stream_timeout=None, extra_modules=()):
+        """stream_timeout: modparam("event_stream", "timeout", ms), how long
+        event_stream waits for a JSON-RPC answer before it reports a failure
+        (checked about once a second by its sender process, so a timeout
+        shows within ms + ~1 s); extra_modules: [(module_name, [(param,
+        value), ...]), ...] loaded before the module under test."""
+        self.stream_timeout = stream_timeout
+        self.extra_modules = list(extra_modules)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.failover_timeout = failover_timeout
@@ -266,7 +276,16 @@ class OpenSips:
         vparams = ""
         if self.failover_timeout is not None:
             vparams = f'modparam("event_virtual", "failover_timeout", {self.failover_timeout})'
+        tparams = []
+        if self.stream_timeout is not None:
+            tparams.append(f'modparam("event_stream", "timeout", {int(self.stream_timeout)})')
+        for mod, params in self.extra_modules:
+            tparams.append(f'loadmodule "{mod}.so"')
+            for name, value in params:
+                v = value if isinstance(value, int) else json.dumps(str(value))
+                tparams.append(f'modparam("{mod}", "{name}", {v})')
         cfg = CFG_TEMPLATE.format(
+            transport_params="".join(line + "\n" for line in tparams),
             log_level=self.log_level, workers=self.workers,
             sip_port=self.sip_port, mi_port=self.mi_port,
             mpath=f"{OPENSIPS_SRC}/modules/", module=EVV_MODULE,
@@ -275,7 +294,7 @@ class OpenSips:
         self.cfg_path.write_text(cfg)
 
     def start(self, attempts=3):
-        check_prerequisites()
+        check_prerequisites([m for m, _ in self.extra_modules])
         for attempt in range(attempts):
             self.sip_port = free_udp_port()
             self.mi_port = free_udp_port()
@@ -431,6 +450,18 @@ class OpenSips:
             f"Content-Length: 0\r\n\r\n")
         self._sip_sock.sendto(msg.encode(), ("127.0.0.1", self.sip_port))
 
+    # ---- observability of the module under test -------------------------
+
+    def virtual_stats(self):
+        """event_virtual:* statistics as {short_name: int}."""
+        res = self.get_statistics(["event_virtual:"])
+        return {k.split(":", 1)[1]: int(v) for k, v in res.items()
+                if k.startswith("event_virtual:")}
+
+    def virtual_list(self, event):
+        """event_virtual_list for one event: its list of subscriptions."""
+        return self.mi("event_virtual_list", {"event": event}).get("Subscriptions", [])
+
 
 def _group_alive(pgid):
     try:
@@ -577,251 +608,11 @@ class FlatstoreReceiver(Receiver):
         return [e for e in evs if event is None or e["method"] == event]
 
 
-class JsonRpcTcpServer(Receiver):
+class JsonRpcServer(Receiver):
     """event_stream subscriber (`tcp:127.0.0.1:PORT`). In reliable mode
     event_stream sends JSON-RPC requests with an id, back to back on one
     connection, and reports the answer to the raiser asynchronously
-    (EVI_ASYNC_STATUS): `answer` = "ok" replies with a result, "error" with
-    an error object."""
-
-    def __init__(self, answer="ok"):
-        super().__init__()
-        self.answer = answer
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(8)
-        self.lsock.settimeout(0.05)
-        self.port = self.lsock.getsockname()[1]
-        self.socket = f"tcp:127.0.0.1:{self.port}"
-        self._stop = False
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self):
-        while not self._stop:
-            try:
-                conn, _ = self.lsock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn):
-        decoder = json.JSONDecoder()
-        buf = ""
-        conn.settimeout(0.05)
-        with conn:
-            while not self._stop:
-                try:
-                    data = conn.recv(1 << 16)
-                except socket.timeout:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data.decode()
-                while True:
-                    buf = buf.lstrip()
-                    try:
-                        msg, end = decoder.raw_decode(buf)
-                    except ValueError:
-                        break
-                    buf = buf[end:]
-                    self._add({"method": msg.get("method"), "params": msg.get("params"),
-                               "raw": msg})
-                    if "id" in msg:
-                        if self.answer == "ok":
-                            reply = {"jsonrpc": "2.0", "id": msg["id"], "result": "OK"}
-                        else:
-                            reply = {"jsonrpc": "2.0", "id": msg["id"],
-                                     "error": {"code": -32000, "message": "refused by test"}}
-                        conn.sendall(json.dumps(reply).encode())
-
-    def close(self):
-        self._stop = True
-        for t in self._threads:
-            t.join(2)
-        self.lsock.close()
-
-
-class Receivers:
-    """Factory for receivers of one test; closes them at teardown."""
-
-    def __init__(self, tmpdir):
-        self.dir = Path(tmpdir)
-        self.all = []
-        self._n = 0
-
-    def _path(self, stem):
-        self._n += 1
-        return self.dir / f"{stem}{self._n}"
-
-    def udp(self, n=None):
-        if n is not None:
-            return [self.udp() for _ in range(n)]
-        r = UdpReceiver()
-        self.all.append(r)
-        return r
-
-    def unix(self, bind=True):
-        r = UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind)
-        self.all.append(r)
-        return r
-
-    def dead(self):
-        """A subscriber whose raise fails at once (unix path nobody bound)."""
-        return self.unix(bind=False)
-
-    def tcp(self, answer="ok"):
-        r = JsonRpcTcpServer(answer)
-        self.all.append(r)
-        return r
-
-    def flatstore(self):
-        r = FlatstoreReceiver(self._path("f").with_suffix(".log"))
-        self.all.append(r)
-        return r
-
-    def close(self):
-        for r in self.all:
-            r.close()
-
-
-# --------------------------------------------------------------------------
-# event helpers
-# --------------------------------------------------------------------------
-
-def virtual(policy, *subs):
-    return "virtual:" + policy + " " + " ".join(
-        s if isinstance(s, str) else s.socket for s in subs)
-
-
-def seq_of(ev):
-    p = ev.get("params")
-    if isinstance(p, dict):
-        return p.get("seq")
-    return None
-
-
-def who_got(receivers, event, seq):
-    """Indexes of receivers that got (event, seq) so far."""
-    return [i for i, r in enumerate(receivers)
-            if any(seq_of(e) == seq for e in r.events(event))]
-
-
-def raise_one(srv, event, seq, receivers, copies=1, timeout=DEFAULT_TIMEOUT):
-    """Raise event (param seq) over MI and wait until `copies` receivers in
-    total got it. Returns the indexes of the receivers that got it.
-    Raising one at a time keeps the order: MI hands each raise to some worker."""
-    srv.raise_event(event, {"seq": seq})
-    return wait_until(
-        lambda: (lambda got: got if len(got) >= copies else None)(who_got(receivers, event, seq)),
-        timeout, f"{event} seq={seq} to reach {copies} receiver(s) of {receivers}")
-
-
-def assert_quiet(receivers, expected, event=None, window=0.3):
-    """Absence check: over a short window, the counts stay as expected.
-    (Loopback datagrams land in the receiver's buffer during the sender's
-    sendto(), so anything still to come would be in flight already.)"""
-    deadline = time.monotonic() + window
-    while True:
-        counts = [r.count(event) for r in receivers]
-        assert counts == list(expected), (
-            f"unexpected deliveries of {event}: got {counts}, expected {list(expected)}")
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(0.02)
-
-
-def crash_lines(log_text):
-    return [l for l in log_text.splitlines()
-            if re.search(r"segfault|exited by a signal|terminated by signal|"
-                         r"core dumped|CRITICAL:", l)]
-
-
-# ==========================================================================
-# Asynchronous transports (issue "Asynchronous transports"): event_stream
-# in reliable mode with a controllable JSON-RPC server, extra transport
-# modules (event_rabbitmq) and a throw-away RabbitMQ broker.
-# Appended section: nothing above is changed by it.
-# ==========================================================================
-
-import pwd as _pwd  # noqa: E402
-import shutil as _shutil  # noqa: E402
-import tempfile as _tempfile  # noqa: E402
-
-
-def free_tcp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def closed_tcp_port():
-    """A loopback TCP port nobody listens on: a connect is refused at once."""
-    return free_tcp_port()
-
-
-class OpenSipsX(OpenSips):
-    """OpenSips with options for the asynchronous transports:
-
-    stream_timeout  modparam("event_stream", "timeout", ms): how long
-                    event_stream waits for a JSON-RPC answer before it
-                    reports a failure (checked about once a second by its
-                    sender process, so a timeout shows within ms + ~1 s);
-    extra_modules   [(module_name, [(param, value), ...]), ...] loaded
-                    before the module under test (event_rabbitmq ...)."""
-
-    def __init__(self, workdir, stream_timeout=None, extra_modules=(), **kw):
-        super().__init__(workdir, **kw)
-        self.stream_timeout = stream_timeout
-        self.extra_modules = list(extra_modules)
-
-    def _write_cfg(self):
-        super()._write_cfg()
-        anchor = 'modparam("event_stream", "reliable_mode", 1)\n'
-        lines = []
-        if self.stream_timeout is not None:
-            lines.append(f'modparam("event_stream", "timeout", {int(self.stream_timeout)})')
-        for mod, params in self.extra_modules:
-            lines.append(f'loadmodule "{mod}.so"')
-            for name, value in params:
-                v = value if isinstance(value, int) else json.dumps(str(value))
-                lines.append(f'modparam("{mod}", "{name}", {v})')
-        text = self.cfg_path.read_text()
-        assert anchor in text, "harness: CFG_TEMPLATE changed, update OpenSipsX"
-        self.cfg_path.write_text(text.replace(anchor, anchor + "".join(l + "\n" for l in lines), 1))
-
-    def start(self, attempts=3):
-        missing = [OPENSIPS_SRC / "modules" / m / f"{m}.so"
-                   for m in ["event_stream"] + [m for m, _ in self.extra_modules]]
-        missing = [str(p) for p in missing if not p.is_file()]
-        if missing:
-            pytest.fail(f"{', '.join(missing)} not found: build the module(s) in {OPENSIPS_SRC} "
-                        f"(event_rabbitmq needs librabbitmq-dev)", pytrace=False)
-        return super().start(attempts)
-
-    # ---- observability of the module under test -------------------------
-
-    def virtual_stats(self):
-        """event_virtual:* statistics as {short_name: int}."""
-        res = self.get_statistics(["event_virtual:"])
-        return {k.split(":", 1)[1]: int(v) for k, v in res.items()
-                if k.startswith("event_virtual:")}
-
-    def virtual_list(self, event):
-        """event_virtual_list for one event: its list of subscriptions."""
-        return self.mi("event_virtual_list", {"event": event}).get("Subscriptions", [])
-
-
-class ControlledJsonRpcServer(Receiver):
-    """event_stream subscriber (`tcp:127.0.0.1:PORT`) whose answer can be
-    changed at any time: mode "ok" (a result), "error" (an error object) or
+    (EVI_ASYNC_STATUS). The answer can be changed at any time: mode "ok" (a result), "error" (an error object) or
     "hold" (no answer now: the request is kept, to be answered later with
     release() - or never, which is a silent server).
 
@@ -936,13 +727,123 @@ class ControlledJsonRpcServer(Receiver):
         self.lsock.close()
 
 
-def async_receivers(recv):
-    """Attach a controllable JSON-RPC server factory to a Receivers."""
-    def make(mode="ok"):
-        r = ControlledJsonRpcServer(mode)
-        recv.all.append(r)
+class Receivers:
+    """Factory for receivers of one test; closes them at teardown."""
+
+    def __init__(self, tmpdir):
+        self.dir = Path(tmpdir)
+        self.all = []
+        self._n = 0
+
+    def _path(self, stem):
+        self._n += 1
+        return self.dir / f"{stem}{self._n}"
+
+    def udp(self, n=None):
+        if n is not None:
+            return [self.udp() for _ in range(n)]
+        r = UdpReceiver()
+        self.all.append(r)
         return r
-    return make
+
+    def unix(self, bind=True):
+        r = UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind)
+        self.all.append(r)
+        return r
+
+    def dead(self):
+        """A subscriber whose raise fails at once (unix path nobody bound)."""
+        return self.unix(bind=False)
+
+    def tcp(self, answer="ok"):
+        """A JSON-RPC server for event_stream; answer "ok" | "error" | "hold"."""
+        r = JsonRpcServer(answer)
+        self.all.append(r)
+        return r
+
+    def flatstore(self):
+        r = FlatstoreReceiver(self._path("f").with_suffix(".log"))
+        self.all.append(r)
+        return r
+
+    def close(self):
+        for r in self.all:
+            r.close()
+
+
+# --------------------------------------------------------------------------
+# event helpers
+# --------------------------------------------------------------------------
+
+def virtual(policy, *subs):
+    return "virtual:" + policy + " " + " ".join(
+        s if isinstance(s, str) else s.socket for s in subs)
+
+
+def seq_of(ev):
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("seq")
+    return None
+
+
+def who_got(receivers, event, seq):
+    """Indexes of receivers that got (event, seq) so far."""
+    return [i for i, r in enumerate(receivers)
+            if any(seq_of(e) == seq for e in r.events(event))]
+
+
+def raise_one(srv, event, seq, receivers, copies=1, timeout=DEFAULT_TIMEOUT):
+    """Raise event (param seq) over MI and wait until `copies` receivers in
+    total got it. Returns the indexes of the receivers that got it.
+    Raising one at a time keeps the order: MI hands each raise to some worker."""
+    srv.raise_event(event, {"seq": seq})
+    return wait_until(
+        lambda: (lambda got: got if len(got) >= copies else None)(who_got(receivers, event, seq)),
+        timeout, f"{event} seq={seq} to reach {copies} receiver(s) of {receivers}")
+
+
+def assert_quiet(receivers, expected, event=None, window=0.3):
+    """Absence check: over a short window, the counts stay as expected.
+    (Loopback datagrams land in the receiver's buffer during the sender's
+    sendto(), so anything still to come would be in flight already.)"""
+    deadline = time.monotonic() + window
+    while True:
+        counts = [r.count(event) for r in receivers]
+        assert counts == list(expected), (
+            f"unexpected deliveries of {event}: got {counts}, expected {list(expected)}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
+
+
+def crash_lines(log_text):
+    return [l for l in log_text.splitlines()
+            if re.search(r"segfault|exited by a signal|terminated by signal|"
+                         r"core dumped|CRITICAL:", l)]
+
+
+# ==========================================================================
+# Asynchronous transports (issue "Asynchronous transports"): event_stream
+# in reliable mode with a controllable JSON-RPC server, extra transport
+# modules (event_rabbitmq) and a throw-away RabbitMQ broker.
+# Appended section: nothing above is changed by it.
+# ==========================================================================
+
+import pwd as _pwd  # noqa: E402
+import shutil as _shutil  # noqa: E402
+import tempfile as _tempfile  # noqa: E402
+
+
+def free_tcp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_tcp_port():
+    """A loopback TCP port nobody listens on: a connect is refused at once."""
+    return free_tcp_port()
 
 
 def seqs_of(receiver, event):

@@ -13,18 +13,18 @@ STREAM_TIMEOUT_MS = 300
 
 
 @pytest.mark.parametrize("policy", ["FAILOVER", "ROUND-ROBIN"])
-def test_failed_async_subscriber_comes_back_after_failover_timeout(xsrv, recv, jrpc, policy):
-    server, udp = jrpc("error"), recv.udp()
-    ev = xsrv.new_event()
-    xsrv.subscribe(ev, virtual(policy, server, udp))
+def test_failed_async_subscriber_comes_back_after_failover_timeout(srv, recv, policy):
+    server, udp = recv.tcp("error"), recv.udp()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual(policy, server, udp))
     live = [server, udp]
 
     # event 0 starts at the server (first subscriber, first in rotation),
     # is answered with an error and continues to udp
-    raise_one(xsrv, ev, 0, [udp], timeout=5)
+    raise_one(srv, ev, 0, [udp], timeout=5)
     assert seqs_of(server, ev) == [0], "the server was not tried first"
     failed_at = time.monotonic()
-    [entry] = xsrv.virtual_list(ev)
+    [entry] = srv.virtual_list(ev)
     state = entry["Subscribers"][0]
     assert state["state"] == "skipped" and state["failures"] == 1, (
         f"asynchronous failure not recorded: {state}")
@@ -32,7 +32,7 @@ def test_failed_async_subscriber_comes_back_after_failover_timeout(xsrv, recv, j
 
     # inside the window the server is passed over (checked only while the
     # window surely lasts)
-    raise_one(xsrv, ev, 1, [udp], timeout=5)
+    raise_one(srv, ev, 1, [udp], timeout=5)
     if time.monotonic() - failed_at < 0.8:
         assert seqs_of(server, ev) == [0], (
             f"the failed subscriber was tried inside its failover window: {seqs_of(server, ev)}")
@@ -44,19 +44,19 @@ def test_failed_async_subscriber_comes_back_after_failover_timeout(xsrv, recv, j
 
     def next_reaches_server():
         nonlocal seq
-        got = raise_one(xsrv, ev, seq, live, timeout=5)
+        got = raise_one(srv, ev, seq, live, timeout=5)
         seq += 1
         return got == [0]
 
     wait_until(next_reaches_server, 5, "an event to reach the recovered server")
     assert time.monotonic() - failed_at > 0.5, "window much shorter than failover_timeout"
-    [entry] = xsrv.virtual_list(ev)
+    [entry] = srv.virtual_list(ev)
     assert entry["Subscribers"][0]["state"] == "healthy", entry["Subscribers"][0]
     # and it keeps its place: FAILOVER sends it everything, ROUND-ROBIN
     # alternates again
     want = [[0], [0]] if policy == "FAILOVER" else [[1], [0]]
     for w in want:
-        got = raise_one(xsrv, ev, seq, live, timeout=5)
+        got = raise_one(srv, ev, seq, live, timeout=5)
         assert got == w, f"{policy}: event {seq} went to {got}, expected {w}"
         seq += 1
     later = [s for r in live for s in seqs_of(r, ev) if s >= 2]

@@ -16,15 +16,15 @@ def chains_ended(srv, before, n):
     return s if ended >= n else None
 
 
-def test_unsubscribe_while_answers_are_pending(make_xsrv, recv, jrpc):
-    srv = make_xsrv()
+def test_unsubscribe_while_answers_are_pending(make_srv, recv):
+    srv = make_srv()
     ev = srv.new_event()
     k = 6
     sentinel = recv.udp()  # plain subscriber of the same event: raises happen
     srv.subscribe(ev, sentinel.socket)
     baseline = None
     for rnd in range(3):
-        holder, backup = jrpc("hold"), recv.udp()
+        holder, backup = recv.tcp("hold"), recv.udp()
         sock = virtual("FAILOVER", holder, backup)
         if rnd == 1:
             baseline = srv.shm_used()  # after one full round (warm-up)
