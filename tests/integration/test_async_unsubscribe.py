@@ -61,7 +61,8 @@ def test_unsubscribe_while_answers_are_pending(make_srv, recv):
         got = seqs_of(backup, ev)
         assert len(got) == len(set(got)) and set(got) <= {0, 2, 4}, (
             f"backup got {got}: only the events answered with an error may go on, once")
-        assert seqs_of(holder, ev) == list(range(k)), (
+        # (MI hands each raise to a worker: they may arrive in any order)
+        assert sorted(seqs_of(holder, ev)) == list(range(k)), (
             f"the held server got {seqs_of(holder, ev)}: tried twice, or after unsubscribe")
     crashes = crash_lines(srv.log.text())
     assert not crashes, "\n".join(crashes)
