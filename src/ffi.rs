@@ -705,12 +705,12 @@ pub extern "C" fn evv_rs_raise(
             },
             chain: null_mut(),
         };
-        let rules = rules();
-        let now = now_ms();
-        let progress = Walk::begin(vsock.policy, &vsock.rotation, vsock.subs(), rules, now).run(
+        let progress = policy::deliver(
+            vsock.policy,
+            &vsock.rotation,
             vsock.subs(),
-            rules,
-            now,
+            rules(),
+            now_ms(),
             &mut driver,
         );
         match progress {
