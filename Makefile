@@ -1,36 +1,74 @@
-# event_virtual in Rust: build, test and install against an OpenSIPS tree.
+# event_virtual in Rust: build, test and install against OpenSIPS.
 #
+#   make demo                 see it work: a real OpenSIPS, receivers, a failover
+#   make test                 cargo tests, then the integration tests on every
+#                             supported OpenSIPS (built here first when missing)
 #   make                      build ./event_virtual.so
-#   make test                 cargo tests, then the integration tests
+#   make opensips             build the supported OpenSIPS releases into .opensips/
 #   make bench                raises per second, this module and the C one
-#   make install              copy it into that OpenSIPS's modules folder
+#   make install              copy the module into that OpenSIPS's modules folder
 #   make clean
 #
-# OPENSIPS_SRC names a configured and built OpenSIPS source tree.
+# OPENSIPS_SRC=/path/to/opensips   use your own OpenSIPS source tree instead of
+#                                  .opensips/ (building needs only the source;
+#                                  test, demo and bench need it built)
+# OPENSIPS_VERSION=3.6.8           one supported release instead of all of them
+#                                  (test) or the newest (everything else)
+# OPENSIPS_ARCHIVES=/folder        take the release archives from there instead
+#                                  of downloading them
 
-OPENSIPS_SRC ?= /usr/local/src/opensips
-PYTHON ?= python3
+SUPPORTED_VERSIONS := 3.4.18 3.6.8 4.0.1
+NEWEST_VERSION := 4.0.1
+OPENSIPS_CACHE ?= $(CURDIR)/.opensips
 CARGO ?= cargo
 
+ifneq ($(OPENSIPS_VERSION),)
+ifeq ($(filter $(OPENSIPS_VERSION),$(SUPPORTED_VERSIONS)),)
+$(error OpenSIPS $(OPENSIPS_VERSION) is not supported: set OPENSIPS_VERSION to one of $(SUPPORTED_VERSIONS))
+endif
+endif
+VERSIONS := $(or $(OPENSIPS_VERSION),$(SUPPORTED_VERSIONS))
+
+# Your own tree, or the provisioned one of OPENSIPS_VERSION (the newest when
+# unset); PROVISIONED is empty when OPENSIPS_SRC names your own.
+ifeq ($(OPENSIPS_SRC),)
+PROVISIONED := $(or $(OPENSIPS_VERSION),$(NEWEST_VERSION))
+OPENSIPS_SRC := $(OPENSIPS_CACHE)/$(PROVISIONED)
+endif
 override OPENSIPS_SRC := $(abspath $(OPENSIPS_SRC))
-TREE_OK := $(and $(wildcard $(OPENSIPS_SRC)/sr_module.h),$(wildcard $(OPENSIPS_SRC)/opensips))
 # one build folder per tree, so that switching trees does not rebuild all
-TREE_NAME := $(notdir $(realpath $(OPENSIPS_SRC)))
-export CARGO_TARGET_DIR := $(CURDIR)/target/$(or $(TREE_NAME),none)
-export OPENSIPS_SRC
+export CARGO_TARGET_DIR := $(CURDIR)/target/$(notdir $(OPENSIPS_SRC))
+export OPENSIPS_SRC OPENSIPS_CACHE
 
 MODULE := event_virtual.so
 BUILT := $(CARGO_TARGET_DIR)/release/libevent_virtual.so
 
-.PHONY: all check-tree build test unit-test integration-test bench install clean
+# The tests' Python packages live in a virtual environment of their own,
+# made on first use; PYTHON=python3 uses yours as it is.
+PYENV := $(OPENSIPS_CACHE)/python
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(PYENV)/bin/python
+PYDEPS := $(PYENV)/.requirements
+endif
+
+.PHONY: all build check-tree opensips provision test unit-test integration-test \
+	integration-tests demo bench install clean
 
 all: build
 
-check-tree:
-ifeq ($(TREE_OK),)
-	@echo "error: no built OpenSIPS tree at OPENSIPS_SRC=$(OPENSIPS_SRC): set OPENSIPS_SRC to a configured and built OpenSIPS source tree (make OPENSIPS_SRC=/path/to/opensips)" >&2
-	@exit 1
+# the supported releases, built from their archives (tests/provision.sh)
+opensips:
+	tests/provision.sh $(OPENSIPS_CACHE) $(VERSIONS)
+
+provision:
+ifneq ($(PROVISIONED),)
+	tests/provision.sh $(OPENSIPS_CACHE) $(PROVISIONED)
 endif
+
+check-tree: provision
+	@test -f $(OPENSIPS_SRC)/sr_module.h -a -f $(OPENSIPS_SRC)/Makefile.defs || { \
+		echo "error: OPENSIPS_SRC=$(OPENSIPS_SRC) is not an OpenSIPS source tree: set OPENSIPS_SRC to the source of your OpenSIPS version, or leave it unset to use one built here" >&2; \
+		exit 1; }
 
 build: check-tree
 	$(CARGO) build --release
@@ -40,17 +78,42 @@ build: check-tree
 		echo "error: the symbols above are declared but not defined" >&2; exit 1; fi
 	cp $(BUILT) $(MODULE)
 
-unit-test:
-	$(CARGO) test
+$(PYENV)/.requirements: tests/requirements.txt
+	@$(or $(shell command -v python3),python3) -m venv $(PYENV) || { \
+		echo "error: cannot make a Python virtual environment: apt-get install python3-venv (or set PYTHON=python3 with the packages of tests/requirements.txt)" >&2; \
+		exit 1; }
+	$(PYENV)/bin/pip install -q -r tests/requirements.txt
+	@touch $@
 
-integration-test: build
+# the pure-Rust tests need no OpenSIPS, and get none
+unit-test:
+	env -u OPENSIPS_SRC CARGO_TARGET_DIR=$(CURDIR)/target/pure $(CARGO) test
+
+integration-test: build $(PYDEPS)
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) -m pytest -q tests/integration
 
-test: unit-test integration-test
+# every supported release (or OPENSIPS_VERSION's), each with the module
+# built against it; or your own tree when OPENSIPS_SRC names it
+ifeq ($(PROVISIONED),)
+integration-tests: integration-test
+else
+integration-tests: $(PYDEPS)
+	tests/provision.sh $(OPENSIPS_CACHE) $(VERSIONS)
+	@set -e; for v in $(VERSIONS); do \
+		echo "=== integration tests on OpenSIPS $$v"; \
+		$(MAKE) --no-print-directory integration-test OPENSIPS_SRC=$(OPENSIPS_CACHE)/$$v; \
+	done
+endif
+
+test: unit-test integration-tests
+
+# a real OpenSIPS, receivers, subscriptions and a failover, told as it happens
+demo: build $(PYDEPS)
+	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) demo/demo.py
 
 # raises per second side by side with the C module, when the tree has it
 # built; BENCH_ARGS="--workers 2 --events 8000 --rounds 5" are the defaults
-bench: build
+bench: build $(PYDEPS)
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 MODULES_DIR ?= $(shell $(MAKE) -s --no-print-directory -C $(OPENSIPS_SRC) \
@@ -61,5 +124,6 @@ install: build
 	install -d $(MODULES_DIR)
 	install -m 0755 $(MODULE) $(MODULES_DIR)/$(MODULE)
 
+# the provisioned OpenSIPS trees stay: `rm -rf .opensips` removes them
 clean:
 	rm -rf target $(MODULE)

@@ -1,40 +1,36 @@
 //! Builds the C shim and the OpenSIPS bindings against the source tree named
-//! by `OPENSIPS_SRC` (default `/usr/local/src/opensips`).
+//! by `OPENSIPS_SRC`.
 //!
 //! The shim must be compiled with exactly the definitions the core was
 //! compiled with, or OpenSIPS refuses the module (its compile-flags string
 //! differs) or, worse, uses another `shm_malloc`.  So the definitions are not
-//! guessed here: OpenSIPS's own `Makefile.conf` and `Makefile.defs` are asked
-//! for them, the way the tree's own modules get them.
+//! guessed here: OpenSIPS's own `Makefile.conf` (or, in a release source
+//! never built, the `Makefile.conf.template` a build would copy it from) and
+//! `Makefile.defs` are asked for them, the way the tree's own modules get
+//! them.  The source alone is enough: an operator with a packaged OpenSIPS
+//! builds the module from the release source of that version.
 //!
-//! Without any tree (no `OPENSIPS_SRC` and nothing at the default path) only
-//! the pure-Rust core is built, so `cargo test` runs anywhere; `make` refuses
-//! to build the module in that state.  An `OPENSIPS_SRC` that is set but is
-//! not a built tree stops the build with one line.
+//! Without `OPENSIPS_SRC` only the pure-Rust core is built, so `cargo test`
+//! runs anywhere.  An `OPENSIPS_SRC` that is not an OpenSIPS source tree
+//! stops the build with one line.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, exit};
 
-const DEFAULT_SRC: &str = "/usr/local/src/opensips";
-
 fn main() {
     println!("cargo:rerun-if-env-changed=OPENSIPS_SRC");
     println!("cargo::rustc-check-cfg=cfg(opensips)");
 
-    let explicit = env::var_os("OPENSIPS_SRC").filter(|s| !s.is_empty());
-    let src = PathBuf::from(explicit.clone().unwrap_or_else(|| DEFAULT_SRC.into()));
-    if let Err(why) = check_tree(&src) {
-        if explicit.is_some() {
-            fail(&format!(
-                "OPENSIPS_SRC={} {why}: set OPENSIPS_SRC to a configured and built OpenSIPS source tree",
-                src.display()
-            ));
-        }
-        println!(
-            "cargo:warning=no OpenSIPS tree at {DEFAULT_SRC}: building the pure-Rust core only; set OPENSIPS_SRC to build the module"
-        );
+    let Some(src) = env::var_os("OPENSIPS_SRC").filter(|s| !s.is_empty()) else {
         return;
+    };
+    let src = PathBuf::from(src);
+    if let Err(why) = check_tree(&src) {
+        fail(&format!(
+            "OPENSIPS_SRC={} {why}: set OPENSIPS_SRC to the source tree of your OpenSIPS version",
+            src.display()
+        ));
     }
     let src = src.canonicalize().unwrap_or(src);
     println!("cargo:rustc-cfg=opensips");
@@ -46,7 +42,7 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={f}");
     }
-    for f in ["Makefile.conf", "Makefile.defs", "version.h", "opensips"] {
+    for f in ["Makefile.conf", "Makefile.conf.template", "Makefile.defs"] {
         if src.join(f).exists() {
             println!("cargo:rerun-if-changed={}", src.join(f).display());
         }
@@ -120,16 +116,16 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("writing bindings: {e}")));
 }
 
-/// What makes a tree usable: its headers, its make definitions and a built
-/// core (an unbuilt tree has no generated Makefile.conf-derived state).
+/// What makes a tree usable: its headers and its make definitions.  It need
+/// not be configured or built.
 fn check_tree(src: &Path) -> Result<(), String> {
     for f in ["sr_module.h", "evi/evi_transport.h", "Makefile.defs"] {
         if !src.join(f).is_file() {
             return Err(format!("is not an OpenSIPS source tree (no {f})"));
         }
     }
-    if !src.join("opensips").is_file() {
-        return Err("has not been built (no opensips binary)".into());
+    if !src.join("Makefile.conf").is_file() && !src.join("Makefile.conf.template").is_file() {
+        return Err("has neither Makefile.conf nor Makefile.conf.template".into());
     }
     Ok(())
 }

@@ -8,6 +8,8 @@
  * `exports` symbol itself is defined in Rust (src/ffi.rs): rustc only
  * exports Rust-defined symbols from a cdylib.
  */
+#include <time.h>
+
 #include "sr_module.h"
 #include "dprint.h"
 #include "version.h"
@@ -141,24 +143,33 @@ void evv_stat_add(int which, unsigned long n)
 /* the core's events; no header declares them */
 extern evi_event_t *events;
 extern int events_no;
-void evi_remove_expired_subs(event_id_t id);
+
+/* the core's test for a subscription it will remove at its next walk */
+static int evv_expired(const evi_reply_sock *sock, long now)
+{
+	return !(sock->flags & EVI_PENDING) && (sock->flags & EVI_EXPIRE) &&
+		sock->subscription_time + sock->expire < now;
+}
 
 int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg)
 {
 	evi_subs_p subs;
 	int i, found = 0;
+	long now = time(NULL);
 
 	for (i = 0; i < events_no; i++) {
 		if (filter && (filter->len != events[i].name.len ||
 				memcmp(filter->s, events[i].name.s, filter->len)))
 			continue;
 		found = 1;
-		/* what has expired is not live: drop it first, as the core's own
-		 * subscribers_list does */
-		evi_remove_expired_subs(events[i].id);
+		/* what has expired is not live, so it is not listed; it is left
+		 * for the core to remove (its raise does), since the core's own
+		 * removal walk (evi_remove_expired_subs) cuts live subscribers
+		 * out of the list on 3.4 */
 		lock_get(events[i].lock);
 		for (subs = events[i].subscribers; subs; subs = subs->next)
-			if (subs->trans_mod == &evv_transport && subs->reply_sock)
+			if (subs->trans_mod == &evv_transport && subs->reply_sock &&
+					!evv_expired(subs->reply_sock, now))
 				visit(arg, &events[i].name, subs->reply_sock);
 		lock_release(events[i].lock);
 	}

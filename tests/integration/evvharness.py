@@ -247,12 +247,14 @@ class OpenSips:
     """One OpenSIPS process group with a generated configuration."""
 
     def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
-                 stream_timeout=None, extra_modules=()):
+                 stream_timeout=None, extra_modules=(), module=None):
         """stream_timeout: modparam("event_stream", "timeout", ms), how long
         event_stream waits for a JSON-RPC answer before it reports a failure
         (checked about once a second by its sender process, so a timeout
         shows within ms + ~1 s); extra_modules: [(module_name, [(param,
-        value), ...]), ...] loaded before the module under test."""
+        value), ...]), ...] loaded before the module under test; module:
+        another event_virtual.so than EVV_MODULE."""
+        self.module = Path(module or EVV_MODULE)
         self.stream_timeout = stream_timeout
         self.extra_modules = list(extra_modules)
         self.workdir = Path(workdir)
@@ -288,7 +290,7 @@ class OpenSips:
             transport_params="".join(line + "\n" for line in tparams),
             log_level=self.log_level, workers=self.workers,
             sip_port=self.sip_port, mi_port=self.mi_port,
-            mpath=f"{OPENSIPS_SRC}/modules/", module=EVV_MODULE,
+            mpath=f"{OPENSIPS_SRC}/modules/", module=self.module,
             virtual_params=vparams, raise_cases=cases)
         self.cfg_path = self.workdir / "opensips.cfg"
         self.cfg_path.write_text(cfg)
@@ -304,7 +306,7 @@ class OpenSips:
             self.stop()
             if "Address already in use" not in self.log.text():
                 break
-        pytest.fail(f"OpenSIPS did not start ({EVV_MODULE}); log {self.log.path}:\n"
+        pytest.fail(f"OpenSIPS did not start ({self.module}); log {self.log.path}:\n"
                     f"{self.log.tail(60)}", pytrace=False)
 
     def _start_once(self):

@@ -18,11 +18,19 @@ raise is accounted for (sentinels, permanent receivers, module statistics
 against the datagrams and lines the receivers got), and once the churned
 subscriptions are gone shmem:used_size is back within 64 KiB.
 
+Subscriptions are listed only after a *sweep*: one raise of each event,
+whose loop in the core removes what has expired or been unsubscribed. The
+core's other removal walk, the one MI subscribers_list runs, cuts live
+subscriptions out of the list on OpenSIPS 3.4 (test_core_limits.py shows
+it); the raise loop removes them correctly on every supported version, so
+the listing checks here hold on all of them.
+
 Every subscriber is healthy and synchronous, so every event is delivered:
 FAILOVER and ROUND-ROBIN to exactly one subscriber, PARALLEL to both of its
 two subscribers (every PARALLEL socket here has exactly two).
 """
 
+import math
 import random
 import re
 import threading
@@ -61,6 +69,19 @@ def _tag_of(ev):
 
 def _count(receiver, event, tag=CHURN_TAG):
     return sum(1 for e in receiver.events(event) if _tag_of(e) == tag)
+
+
+def _sweep(srv, evlist, sentinels, since, expire):
+    """One raise of each event once everything subscribed at time `since`
+    with `expire` has expired (the core counts whole seconds), seen by the
+    sentinels: the raise loop has removed what expired on its way."""
+    time.sleep(max(0.0, math.floor(since) + expire + 1.05 - time.time()))
+    before = {ev: _count(sentinels[ev], ev, "sweep") for ev in evlist}
+    for ev in evlist:
+        srv.send_sip(ev, count=1, tag="sweep")
+    for ev in evlist:
+        wait_until(lambda: _count(sentinels[ev], ev, "sweep") == before[ev] + 1, 10,
+                   f"the sweep raise of {ev}")
 
 
 def _canon(sock):
@@ -327,6 +348,9 @@ def test_churn_while_workers_raise(own_srv, recv):
     assert d["events"] >= total_raises, (d, sent)
 
     # ---- exactly the expected subscriptions remain -------------------------
+    last_op = max(h[-1][0] for h in history.values())
+    _sweep(srv, evlist, sentinels, last_op, 2)
+    sweeps = 1
     expected = {ev: {key for (e, key), exp in model.items() if e == ev and exp > 2}
                 for ev in evlist}
     for p in POLICIES:
@@ -378,6 +402,8 @@ def test_churn_while_workers_raise(own_srv, recv):
         for key in stuck[p]:
             assert model.get((events[p], key), 0) <= 2, (key, history.get((events[p], key)))
             srv.unsubscribe(events[p], _text(key))
+    _sweep(srv, evlist, sentinels, time.time(), 0)
+    sweeps += 1
 
     def virtual_listed(ev):
         return Counter(_canon(s) for s in srv.subscribers(ev) if s.startswith("virtual:"))
@@ -407,7 +433,7 @@ def test_churn_while_workers_raise(own_srv, recv):
                if _canon(s["socket"]) == _canon(perm[p][1])]
         assert len(one) == 1
         attempts = [x["attempts"] for x in one[0]["Subscribers"]]
-        warm_n = WARM           # the warm-up raises reached them too
+        warm_n = WARM + sweeps  # the warm-up and sweep raises reached them too
         if p == "FAILOVER":
             assert attempts == [sent[events[p]] + warm_n, 0], attempts
         elif p == "PARALLEL":
@@ -419,6 +445,7 @@ def test_churn_while_workers_raise(own_srv, recv):
     for ev in evlist:
         for key in expected[ev]:
             srv.unsubscribe(ev, _text(key))
+    _sweep(srv, evlist, sentinels, time.time(), 0)
     wait_until(lambda: all(sorted(srv.subscribers(ev)) == baseline_subs[ev] for ev in evlist),
                5, "the last churned subscriptions to go", interval=0.1)
 
@@ -443,7 +470,8 @@ def test_churn_while_workers_raise(own_srv, recv):
     lost = re.compile(r"ERROR:event_virtual:.*event '(E_T\d+)' was not delivered by")
     errs = srv.log.errors_since(mark, module="event_virtual")
     assert all(lost.search(l) for l in errs), "\n".join(errs[:10])
-    assert len(errs) <= d["events_failed"], (len(errs), d)
+    failed = _stats(srv)["events_failed"] - stats0["events_failed"]  # sweeps included
+    assert len(errs) <= failed, (len(errs), failed)
     warns = [l for l in srv.log.lines_since(mark) if "WARNING:event_virtual" in l]
     assert all(f"subscriber '{unix.socket}' of" in l for l in warns), "\n".join(warns[:10])
     print(f"churn: {dict(ops)} in {t_churn:.1f}s; raises {sent}; stats delta {d}; "

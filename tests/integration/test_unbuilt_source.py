@@ -1,0 +1,67 @@
+"""The module builds from a release source that was never configured or
+built, as an operator with a packaged OpenSIPS has it, and that module loads
+into a server of the same release and delivers.
+
+The release archive is the one `make opensips` kept (OPENSIPS_CACHE/archives)
+or the one in OPENSIPS_ARCHIVES; the server is OPENSIPS_SRC's.
+"""
+
+import os
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from evvharness import OPENSIPS_SRC, REPO_ROOT, raise_one, virtual
+
+
+def _release():
+    out = subprocess.run([str(OPENSIPS_SRC / "opensips"), "-V"], capture_output=True,
+                         text=True, check=True).stdout
+    m = re.search(r"opensips (\d+\.\d+\.\d+)", out)
+    assert m, f"no version in `opensips -V`: {out!r}"
+    return m.group(1)
+
+
+def _archive(version):
+    name = f"opensips-{version}.tar.gz"
+    places = [Path(os.environ["OPENSIPS_ARCHIVES"])] if os.environ.get("OPENSIPS_ARCHIVES") else []
+    places.append(Path(os.environ.get("OPENSIPS_CACHE", REPO_ROOT / ".opensips")) / "archives")
+    for folder in places:
+        if (folder / name).is_file():
+            return folder / name
+    pytest.fail(f"no {name} in {' or '.join(map(str, places))}: run "
+                f"`make opensips OPENSIPS_VERSION={version}` or set OPENSIPS_ARCHIVES "
+                f"to a folder with it", pytrace=False)
+
+
+def test_module_from_unbuilt_release_source_loads_and_delivers(make_srv, recv, tmp_path):
+    version = _release()
+    with tarfile.open(_archive(version)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    tree = tmp_path / f"opensips-{version}"
+    generated = ("Makefile.conf", "opensips", "main.o")
+    assert not any((tree / f).exists() for f in generated), "the archive is not a bare source"
+
+    env = dict(os.environ, OPENSIPS_SRC=str(tree),
+               CARGO_TARGET_DIR=str(REPO_ROOT / "target" / f"unbuilt-{version}"))
+    build = subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO_ROOT,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, f"cargo build against {tree} failed:\n{build.stderr[-3000:]}"
+    # the build read the tree's definitions and changed nothing in it
+    assert not any((tree / f).exists() for f in generated), "building the module built OpenSIPS"
+    module = tmp_path / "event_virtual.so"
+    module.write_bytes((Path(env["CARGO_TARGET_DIR"]) / "release" / "libevent_virtual.so")
+                       .read_bytes())
+
+    # a module whose version or compile flags differ is refused at start-up
+    srv = make_srv(module=module)
+    subs = [recv.dead(), recv.udp()]
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("FAILOVER", *subs))
+    for i in range(3):
+        assert raise_one(srv, ev, i, subs, timeout=3) == [1]
+    listed = srv.mi("event_virtual_list", {"event": ev})["Subscriptions"]
+    assert [s["policy"] for s in listed] == ["FAILOVER"]
