@@ -126,16 +126,16 @@ def stop_opensips(proc):
 
 def show_list(mi):
     for s in mi.execute("event_virtual_list", {}).get("Subscriptions", []):
+        names = [Path(sub["socket"]).stem for sub in s["Subscribers"]]
         head = f"  {s['event']}: {s['policy']}"
         if "next" in s:
-            head += f", next event starts at subscriber {s['next']}"
+            head += f", the next event goes to {names[s['next']]} first"
         say(head)
-        for sub in s["Subscribers"]:
+        for name, sub in zip(names, s["Subscribers"]):
             state = sub["state"]
             if state == "skipped":
                 state += f" for {sub['skipped_for_ms'] / 1000:.1f} s more"
-            name = Path(sub["socket"]).stem
-            say(f"    {name:6} {state:22} attempts {sub['attempts']:2}  failures {sub['failures']}")
+            say(f"    {name:6} {state:24} attempts {sub['attempts']:2}  failures {sub['failures']}")
 
 
 def main():
@@ -173,10 +173,18 @@ def main():
 
         count = {e: 0 for e in subs}
 
+        def stats_now():
+            stats = mi.execute("get_statistics", {"statistics": ["event_virtual:"]})
+            return {k.split(":")[1]: int(v) for k, v in stats.items()}
+
+        def ended(stats):
+            return stats["events_delivered"] + stats["events_failed"]
+
         def raise_some(event, n):
             for _ in range(n):
                 count[event] += 1
                 seen = len(inbox)
+                before = stats_now()
                 mi.execute("raise_event", {"event": event,
                                            "params": json.dumps({"n": count[event]})})
                 until = time.monotonic() + WAIT
@@ -184,6 +192,13 @@ def main():
                     time.sleep(0.005)
                 got = inbox[seen:]
                 where = ", ".join(name for name, _, _ in got) or "nobody (lost)"
+                # the statistics are counted once the event's walk ends
+                after = stats_now()
+                while ended(after) == ended(before) and time.monotonic() < until:
+                    time.sleep(0.005)
+                    after = stats_now()
+                if after["failovers"] > before["failovers"]:
+                    where += "  (failover: a subscriber before it failed)"
                 say(f"   {event} #{count[event]:<2} -> {where}")
 
         say("== raising events: FAILOVER goes to alpha, ROUND-ROBIN takes turns")
