@@ -58,6 +58,15 @@ flock 9
 
 stamp_text() { echo "recipe=$RECIPE modules=$MODULES"; }
 
+check_archive() { # file version: a whole gzip tar of that release's tree
+	gzip -t "$1" 2>/dev/null ||
+		{ echo "error: $1 is corrupt (not a whole gzip file): replace it and run again" >&2; return 1; }
+	local top
+	top=$(tar tzf "$1" | head -n1)
+	[ "${top%%/*}" = "opensips-$2" ] ||
+		{ echo "error: $1 holds ${top%%/*}/, not opensips-$2/: it is not that release's archive" >&2; return 1; }
+}
+
 fetch_archive() { # version -> path of a verified archive in the cache
 	local v=$1 name="opensips-$1.tar.gz" dest="$cache/archives/opensips-$1.tar.gz"
 	if [ -n "${OPENSIPS_ARCHIVES:-}" ]; then
@@ -67,6 +76,7 @@ fetch_archive() { # version -> path of a verified archive in the cache
 			(cd "$OPENSIPS_ARCHIVES" && grep " \*\?$name\$" SHA256SUMS | sha256sum -c --status) ||
 				die "$src does not match its SHA256SUMS: replace the archive"
 		fi
+		check_archive "$src" "$v" || exit 1
 		if ! cmp -s "$src" "$dest"; then
 			cp "$src" "$dest.part" && mv "$dest.part" "$dest"
 		fi
@@ -74,16 +84,11 @@ fetch_archive() { # version -> path of a verified archive in the cache
 		local url="https://github.com/OpenSIPS/opensips/archive/refs/tags/$v.tar.gz"
 		command -v curl >/dev/null || die "no OPENSIPS_ARCHIVES and no curl to download $url: set OPENSIPS_ARCHIVES to a folder with $name"
 		echo "downloading $url" >&2
-		curl -fsSL --connect-timeout 15 --max-time 600 -o "$dest.part" "$url" ||
+		curl -fsL --connect-timeout 15 --max-time 600 -o "$dest.part" "$url" ||
 			{ rm -f "$dest.part"; die "cannot download $url: set OPENSIPS_ARCHIVES to a folder with $name"; }
 		mv "$dest.part" "$dest"
 	fi
-	gzip -t "$dest" 2>/dev/null ||
-		{ rm -f "$dest"; die "$name is corrupt (not a whole gzip file): replace it and run again"; }
-	local top
-	top=$(tar tzf "$dest" | head -n1)
-	[ "${top%%/*}" = "opensips-$v" ] ||
-		{ rm -f "$dest"; die "$name holds ${top%%/*}/, not opensips-$v/: it is not that release's archive"; }
+	check_archive "$dest" "$v" || { rm -f "$dest"; exit 1; }
 	echo "$dest"
 }
 
