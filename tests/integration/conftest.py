@@ -44,34 +44,13 @@ def _server_options(request):
     return dict(marker.kwargs)
 
 
-class _SharedServers:
-    """The module's shared servers, one per set of options; one that an
-    earlier test took down is started again."""
-
-    def __init__(self, tmp_path_factory):
-        self.tmp_path_factory = tmp_path_factory
-        self.servers = {}
-
-    def get(self, options):
-        key = json.dumps(options, sort_keys=True)
-        server = self.servers.get(key)
-        if server is None or not server.alive():
-            if server is not None:
-                server.stop()
-            server = OpenSips(self.tmp_path_factory.mktemp("opensips"), **options).start()
-            self.servers[key] = server
-        return server
-
-    def stop(self):
-        for server in self.servers.values():
-            server.stop()
-
-
 @pytest.fixture(scope="module")
-def _shared_servers(tmp_path_factory):
-    holder = _SharedServers(tmp_path_factory)
-    yield holder
-    holder.stop()
+def _shared_servers():
+    """The module's shared servers: {options as JSON: OpenSips}."""
+    servers = {}
+    yield servers
+    for server in servers.values():
+        server.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -92,10 +71,17 @@ def _check_survived(request, server):
 
 
 @pytest.fixture
-def srv(request, _shared_servers):
+def srv(request, _shared_servers, tmp_path_factory):
     """A server shared by the module's tests with the same options (they
-    use distinct event names)."""
-    server = _shared_servers.get(_server_options(request))
+    use distinct event names); started again if an earlier test took it down."""
+    options = _server_options(request)
+    key = json.dumps(options, sort_keys=True)
+    server = _shared_servers.get(key)
+    if server is None or not server.alive():
+        if server is not None:
+            server.stop()
+        server = OpenSips(tmp_path_factory.mktemp("opensips"), **options).start()
+        _shared_servers[key] = server
     yield server
     _check_survived(request, server)
 

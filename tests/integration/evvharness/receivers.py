@@ -264,17 +264,17 @@ class Receivers:
         self._n += 1
         return self.dir / f"{stem}{self._n}"
 
-    def udp(self, n=None):
-        if n is not None:
-            return [self.udp() for _ in range(n)]
-        r = UdpReceiver()
+    def _keep(self, r):
         self.all.append(r)
         return r
 
+    def udp(self, n=None):
+        if n is not None:
+            return [self.udp() for _ in range(n)]
+        return self._keep(UdpReceiver())
+
     def unix(self, bind=True):
-        r = UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind)
-        self.all.append(r)
-        return r
+        return self._keep(UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind))
 
     def dead(self):
         """A subscriber whose raise fails at once (unix path nobody bound)."""
@@ -282,14 +282,10 @@ class Receivers:
 
     def tcp(self, answer="ok"):
         """A JSON-RPC server for event_stream; answer "ok" | "error" | "hold"."""
-        r = JsonRpcServer(answer)
-        self.all.append(r)
-        return r
+        return self._keep(JsonRpcServer(answer))
 
     def flatstore(self):
-        r = FlatstoreReceiver(self._path("f").with_suffix(".log"))
-        self.all.append(r)
-        return r
+        return self._keep(FlatstoreReceiver(self._path("f").with_suffix(".log")))
 
     def close(self):
         for r in self.all:

@@ -23,17 +23,6 @@ EVENT_POOL = [f"E_T{i}" for i in range(40)]
 VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomplete",
                  "failovers")
 
-CORE = """\
-log_level = {log_level}
-stderror_enabled = yes
-syslog_enabled = no
-disable_core_dump = yes
-udp_workers = {workers}
-socket = udp:127.0.0.1:{sip_port}
-
-mpath = "{mpath}"
-"""
-
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
 # in the worker that handles it, with params tag (X-Tag), i (loop index)
 # and pid ($pp).
@@ -138,6 +127,13 @@ class OpenSips:
 
     # ---- configuration ----------------------------------------------------
 
+    def core(self):
+        """{core parameter: value as written} of the configuration."""
+        return {"log_level": self.log_level, "stderror_enabled": "yes",
+                "syslog_enabled": "no", "disable_core_dump": "yes",
+                "udp_workers": self.workers, "socket": f"udp:127.0.0.1:{self.sip_port}",
+                "mpath": f'"{env.OPENSIPS_SRC}/modules/"'}
+
     def modules(self):
         """[(module .so, {param: value})] in load order: the transports
         first, the module under test last."""
@@ -154,20 +150,21 @@ class OpenSips:
                 *((f"{m}.so", p) for m, p in self.extra_modules.items()),
                 (str(self.module), virtual)]
 
+    def script(self):
+        return SCRIPT.format(raise_cases="\n".join(
+            f'        case "{e}": raise_event("{e}", $avp(evk), $avp(evv)); break;'
+            for e in EVENT_POOL))
+
     def config(self):
-        out = [CORE.format(log_level=self.log_level, workers=self.workers,
-                           sip_port=self.sip_port, mpath=f"{env.OPENSIPS_SRC}/modules/")]
+        """opensips.cfg: core(), modules() with their parameters, script()."""
+        out = [f"{k} = {v}" for k, v in self.core().items()]
         for so, params in self.modules():
             out.append(f'loadmodule "{so}"')
             name = Path(so).name.removesuffix(".so")
             for p, v in params.items():
                 v = v if isinstance(v, int) else json.dumps(str(v))
                 out.append(f'modparam("{name}", "{p}", {v})')
-        cases = "\n".join(
-            f'        case "{e}": raise_event("{e}", $avp(evk), $avp(evv)); break;'
-            for e in EVENT_POOL)
-        out.append(SCRIPT.format(raise_cases=cases))
-        return "\n".join(out)
+        return "\n".join(out) + "\n" + self.script()
 
     def _write_cfg(self):
         self.cfg_path = self.workdir / "opensips.cfg"
