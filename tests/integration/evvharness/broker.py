@@ -7,7 +7,6 @@ import os
 import pwd
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +23,15 @@ class BrokerError(AssertionError):
 
 class RabbitMQBroker:
     """A broker of its own: its own node name, ports, data and log dirs (a
-    temp dir owned by the rabbitmq user), its own epmd on a free loopback
-    port; run as the rabbitmq user in its own process group."""
+    temp dir owned by the rabbitmq user), run as the rabbitmq user in its
+    own process group; and its own epmd on a free loopback port, started
+    here in the foreground (in a process group of its own too) so that the
+    Erlang node does not start a daemon that would outlive the run."""
 
     START_TIMEOUT = 60.0
 
     def __init__(self):
-        self.proc = None
+        self.proc = self.epmd = None
         self.dir = None
         self.amqp_port = self.dist_port = self.epmd_port = None
 
@@ -85,6 +86,9 @@ class RabbitMQBroker:
             os.chown(p, pw.pw_uid, pw.pw_gid)
         os.chmod(self.dir, 0o755)
         self.out = self.dir / "console.log"
+        self.epmd = spawn(["epmd", "-address", "127.0.0.1", "-port", self.epmd_port],
+                          self.dir / "epmd.log", cwd=self.dir, env=self._env())
+        wait_until(self._epmd_up, 10, f"epmd on 127.0.0.1:{self.epmd_port}", interval=0.05)
         self.proc = spawn(["runuser", "-u", "rabbitmq", "--", RABBITMQ_SERVER],
                           self.out, cwd=self.dir, env=self._env())
         deadline = time.monotonic() + self.START_TIMEOUT
@@ -101,6 +105,16 @@ class RabbitMQBroker:
                 time.sleep(0.2)
         raise BrokerError(f"rabbitmq-server did not accept AMQP on 127.0.0.1:{self.amqp_port} "
                           f"within {self.START_TIMEOUT}s (last error: {last!r}):\n{self.log_tail()}")
+
+    def _epmd_up(self):
+        if self.epmd.poll() is not None:
+            raise BrokerError(f"epmd exited with status {self.epmd.returncode}:\n"
+                              f"{(self.dir / 'epmd.log').read_text(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", self.epmd_port), 0.2).close()
+            return True
+        except OSError:
+            return False
 
     def log_tail(self, n=30):
         parts = []
@@ -154,23 +168,9 @@ class RabbitMQBroker:
         if self.proc is not None:
             stop_group(self.proc, term_grace=20)
             self.proc = None
-        if self.epmd_port:
-            # epmd daemonizes into a session of its own: ask it to stop
-            subprocess.run(["epmd", "-kill"], env={
-                "PATH": "/usr/sbin:/usr/bin:/bin", "ERL_EPMD_PORT": str(self.epmd_port),
-                "ERL_EPMD_ADDRESS": "127.0.0.1"}, capture_output=True, timeout=10)
-
-            def epmd_gone():
-                try:
-                    socket.create_connection(("127.0.0.1", self.epmd_port), 0.2).close()
-                    return False
-                except OSError:
-                    return True
-            try:
-                wait_until(epmd_gone, 10, "epmd to stop", interval=0.05)
-            except AssertionError:
-                pass  # teardown: nothing more to do about it
-            self.epmd_port = None
+        if self.epmd is not None:
+            stop_group(self.epmd)
+            self.epmd = None
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
