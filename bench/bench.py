@@ -46,7 +46,7 @@ REPO_ROOT = HERE.parent
 sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 
 import evvharness  # noqa: E402  (reads OPENSIPS_SRC / EVV_MODULE from the environment)
-from evvharness import OpenSips, virtual  # noqa: E402
+from evvharness import OpenSips, sip_request, virtual  # noqa: E402
 
 # (row label, event name, policy or None for the direct subscription)
 ROWS = [
@@ -121,7 +121,6 @@ class BenchOpenSips(OpenSips):
         self.cfg_path.write_text(cfg)
 
     def start(self, attempts=3):
-        evvharness.EVV_MODULE = self.module  # what check_prerequisites looks at
         try:
             return super().start(attempts)
         except BaseException as e:  # pytest.fail raises an OutcomeException
@@ -132,21 +131,6 @@ class BenchOpenSips(OpenSips):
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def sip_request(sip_port, lport, seq, event, count):
-    return (
-        f"OPTIONS sip:bench@127.0.0.1:{sip_port} SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bK-bench-{os.getpid()}-{seq}\r\n"
-        f"Max-Forwards: 70\r\n"
-        f"From: <sip:bench@127.0.0.1>;tag=b{seq}\r\n"
-        f"To: <sip:bench@127.0.0.1>\r\n"
-        f"Call-ID: bench-{os.getpid()}-{seq}@127.0.0.1\r\n"
-        f"CSeq: {seq} OPTIONS\r\n"
-        f"X-Event: {event}\r\n"
-        f"X-Count: {count}\r\n"
-        f"X-Tag: bench\r\n"
-        f"Content-Length: 0\r\n\r\n").encode()
 
 
 class Runner:

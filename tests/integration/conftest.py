@@ -1,14 +1,13 @@
-"""Fixtures: real OpenSIPS servers and event receivers.
+"""Fixtures: real OpenSIPS servers, event receivers, a RabbitMQ broker.
 
-OPENSIPS_SRC  built OpenSIPS tree (default /usr/local/src/opensips)
-EVV_MODULE    event_virtual.so under test (default <repo>/event_virtual.so);
-              EVV_MODULE=$OPENSIPS_SRC/modules/event_virtual/event_virtual.so
-              runs the suite against the C module.
-
-A test module may set FAILOVER_TIMEOUT = N to get shared servers started
-with modparam("event_virtual", "failover_timeout", N).
+Server options come from the `server` marker, on a test or a whole module
+(`pytestmark = pytest.mark.server(failover_timeout=1)`; the closest marker
+wins); its keywords are those of evvharness.OpenSips: failover_timeout,
+stream_timeout (ms), extra_modules ({module: {param: value}}), workers,
+log_level. OPENSIPS_SRC and EVV_MODULE: see evvharness/env.py.
 """
 
+import json
 import shutil
 import sys
 import tempfile
@@ -18,8 +17,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evvharness import (EVV_MODULE, OPENSIPS_SRC, BrokerError, OpenSips,  # noqa: E402
-                        RabbitMQBroker, Receivers, check_prerequisites)
+from evvharness import (EVV_MODULE, OPENSIPS_SRC, OpenSips, RabbitMQBroker,  # noqa: E402
+                        Receivers, check_prerequisites)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "server(**options): options of the OpenSIPS that srv, own_srv and "
+        "make_srv give (keywords of evvharness.OpenSips)")
 
 
 def pytest_report_header(config):
@@ -31,41 +36,27 @@ def _prerequisites():
     check_prerequisites()
 
 
-class _SharedServer:
-    """A module-wide server, restarted if an earlier test took it down."""
-
-    def __init__(self, tmp_path_factory, **kw):
-        self.tmp_path_factory = tmp_path_factory
-        self.kw = kw
-        self.server = None
-
-    def get(self):
-        if self.server is None or not self.server.alive():
-            if self.server is not None:
-                self.server.stop()
-            self.server = OpenSips(self.tmp_path_factory.mktemp("opensips"), **self.kw).start()
-        return self.server
-
-    def stop(self):
-        if self.server is not None:
-            self.server.stop()
-
-
-def _server_kwargs(request):
-    """Server options a test module may set: FAILOVER_TIMEOUT = s,
-    STREAM_TIMEOUT_MS = ms (event_stream's timeout), EXTRA_MODULES =
-    [("event_rabbitmq", [("param", value), ...]), ...]."""
-    m = request.module
-    return {"failover_timeout": getattr(m, "FAILOVER_TIMEOUT", None),
-            "stream_timeout": getattr(m, "STREAM_TIMEOUT_MS", None),
-            "extra_modules": getattr(m, "EXTRA_MODULES", ())}
+def _server_options(request):
+    old = [n for n in ("FAILOVER_TIMEOUT", "STREAM_TIMEOUT_MS", "EXTRA_MODULES")
+           if hasattr(request.module, n)]
+    if old:  # a test written for the old harness: do not run it with defaults
+        pytest.fail(f"{request.module.__name__} sets {', '.join(old)}: server options are "
+                    f"pytest.mark.server(failover_timeout=s, stream_timeout=ms, "
+                    f"extra_modules={{module: {{param: value}}}}) now", pytrace=False)
+    marker = request.node.get_closest_marker("server")
+    if marker is None:
+        return {}
+    assert not marker.args, f"pytest.mark.server takes keywords only: {marker}"
+    return dict(marker.kwargs)
 
 
 @pytest.fixture(scope="module")
-def _shared_server(request, tmp_path_factory):
-    holder = _SharedServer(tmp_path_factory, **_server_kwargs(request))
-    yield holder
-    holder.stop()
+def _shared_servers():
+    """The module's shared servers: {options as JSON: OpenSips}."""
+    servers = {}
+    yield servers
+    for server in servers.values():
+        server.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -76,32 +67,55 @@ def pytest_runtest_makereport(item, call):
         item.call_failed = rep.failed
 
 
-def _check_survived(request, server, when):
+def _check_survived(request, server):
     """Teardown check, for tests that did not already fail."""
     if getattr(request.node, "call_failed", True):
         return
     if not server.alive():
-        pytest.fail(f"OpenSIPS died or stopped answering MI {when}; "
+        pytest.fail(f"OpenSIPS died or stopped answering MI during this test; "
                     f"log {server.log.path}:\n{server.log.tail(30)}", pytrace=False)
 
 
 @pytest.fixture
-def srv(request, _shared_server):
-    """The module's shared server (tests on it use distinct event names)."""
-    server = _shared_server.get()
+def srv(request, _shared_servers, tmp_path_factory):
+    """A server shared by the module's tests with the same options (they
+    use distinct event names); started again if an earlier test took it down."""
+    options = _server_options(request)
+    key = json.dumps(options, sort_keys=True)
+    server = _shared_servers.get(key)
+    if server is None or not server.alive():
+        if server is not None:
+            server.stop()
+        server = OpenSips(tmp_path_factory.mktemp("opensips"), **options).start()
+        _shared_servers[key] = server
     yield server
-    _check_survived(request, server, "during this test")
+    _check_survived(request, server)
 
 
 @pytest.fixture
-def own_srv(request, tmp_path_factory):
-    """A server of this test's own, for tests that may crash it."""
-    server = OpenSips(tmp_path_factory.mktemp("opensips"), **_server_kwargs(request)).start()
-    yield server
+def make_srv(request, tmp_path_factory):
+    """make_srv(**overrides) -> a started server of this test's own, with
+    the test's server options and the overrides."""
+    servers = []
+
+    def make(**overrides):
+        options = {**_server_options(request), **overrides}
+        servers.append(OpenSips(tmp_path_factory.mktemp("opensips"), **options).start())
+        return servers[-1]
+
+    yield make
     try:
-        _check_survived(request, server, "during this test")
+        for s in servers:
+            _check_survived(request, s)
     finally:
-        server.stop()
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
+def own_srv(make_srv):
+    """A server of this test's own, for tests that may crash it."""
+    return make_srv()
 
 
 @pytest.fixture
@@ -114,28 +128,6 @@ def recv():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def make_srv(request, tmp_path_factory):
-    """make_srv(**overrides) -> a started server of this test's own, with
-    the test module's options (see _server_kwargs) and the overrides."""
-    servers = []
-
-    def make(**overrides):
-        kw = _server_kwargs(request)
-        kw.update(overrides)
-        s = OpenSips(tmp_path_factory.mktemp("opensips"), **kw).start()
-        servers.append(s)
-        return s
-
-    yield make
-    try:
-        for s in servers:
-            _check_survived(request, s, "during this test")
-    finally:
-        for s in servers:
-            s.stop()
-
-
 @pytest.fixture(scope="session")
 def rabbitmq_broker():
     """A RabbitMQ broker on free loopback ports, for the whole session.
@@ -143,7 +135,7 @@ def rabbitmq_broker():
     broker = RabbitMQBroker()
     try:
         broker.start()
-    except BrokerError as e:
+    except AssertionError as e:  # BrokerError, or a wait that timed out
         broker.stop()
         pytest.fail(f"RabbitMQ broker not available: {e}", pytrace=False)
     yield broker

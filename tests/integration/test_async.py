@@ -5,7 +5,7 @@ import pytest
 
 from evvharness import assert_quiet, raise_one, virtual
 
-FAILOVER_TIMEOUT = 1
+pytestmark = pytest.mark.server(failover_timeout=1)
 
 
 def test_failover_async_success_stops_the_chain(srv, recv):

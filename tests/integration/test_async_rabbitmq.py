@@ -6,9 +6,11 @@ reported later, which the virtual socket must act on."""
 
 import uuid
 
+import pytest
+
 from evvharness import closed_tcp_port, virtual, wait_until
 
-EXTRA_MODULES = [("event_rabbitmq", [("connect_timeout", 500)])]
+pytestmark = pytest.mark.server(extra_modules={"event_rabbitmq": {"connect_timeout": 500}})
 
 N = 20
 

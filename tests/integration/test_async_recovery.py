@@ -8,8 +8,7 @@ import pytest
 
 from evvharness import raise_one, seqs_of, virtual, wait_until
 
-FAILOVER_TIMEOUT = 1
-STREAM_TIMEOUT_MS = 300
+pytestmark = pytest.mark.server(failover_timeout=1, stream_timeout=300)
 
 
 @pytest.mark.parametrize("policy", ["FAILOVER", "ROUND-ROBIN"])

@@ -9,9 +9,9 @@ for the rest of a test."""
 import pytest
 
 from evvharness import (assert_each_once, assert_quiet, closed_tcp_port, raise_one,
-                        seqs_of, virtual, wait_until)
+                        seqs_of, stats_delta, virtual, wait_until)
 
-STREAM_TIMEOUT_MS = 300
+pytestmark = pytest.mark.server(stream_timeout=300)
 
 # the failures: a JSON-RPC error answer, no answer (event_stream's timeout,
 # checked by its sender about once a second), a closed port
@@ -85,7 +85,7 @@ def test_failover_one_event_through_every_kind_of_failure(srv, recv):
         lambda: (lambda s: s if s["events_delivered"] - before["events_delivered"] >= n else None)(
             srv.virtual_stats()),
         what="event_virtual:events_delivered to count the chains")
-    delta = {k: after[k] - before.get(k, 0) for k in after}
+    delta = stats_delta(before, after)
     assert delta["events"] == n and delta["events_delivered"] == n \
         and delta["events_failed"] == 0 and delta["failovers"] == 3, (
             f"statistics moved by {delta}, expected events={n} delivered={n} "

@@ -3,10 +3,12 @@ event_stream answers are still pending. The pending chains keep what they
 need until their answers come; the server survives and shared memory comes
 back."""
 
+import pytest
+
 from evvharness import crash_lines, seqs_of, virtual, wait_until
 
 # long enough that no request times out while the test holds the answers
-STREAM_TIMEOUT_MS = 10000
+pytestmark = pytest.mark.server(stream_timeout=10000)
 
 
 def chains_ended(srv, before, n):

@@ -37,14 +37,13 @@ import threading
 import time
 from collections import Counter
 
-from evvharness import crash_lines, wait_until
+from evvharness import crash_lines, stats_delta, wait_until
 
 SEED = 20240611
 OPS = 1200                 # subscribe / refresh / unsubscribe / expire operations
 BURST = 25                 # raises per SIP request (X-Count)
 MAX_OUTSTANDING = 4 * BURST
 SHM_SLACK = 64 * 1024
-STATS = ("events", "events_delivered", "events_failed", "events_incomplete", "failovers")
 POLICIES = ("FAILOVER", "ROUND-ROBIN", "PARALLEL")
 CHURN_TAG = "churn"
 WARM = 5                   # warm-up raises per event
@@ -52,11 +51,6 @@ CHECKPOINT = 40            # operations between two checks that raises go on
 
 
 # ---- helpers ---------------------------------------------------------------
-
-def _stats(srv):
-    res = srv.get_statistics(["event_virtual:"])
-    return {s: int(res[f"event_virtual:{s}"]) for s in STATS}
-
 
 def _tag_of(ev):
     p = ev.get("params")
@@ -207,7 +201,7 @@ def test_churn_while_workers_raise(own_srv, recv):
                "the warm-up subscriptions to go", interval=0.05)
     baseline_subs = {ev: sorted(srv.subscribers(ev)) for ev in evlist}
     shm0 = srv.shm_used()
-    stats0 = _stats(srv)
+    stats0 = srv.virtual_stats()
     mark = srv.log.mark()
 
     # ---- churn while the workers raise -----------------------------------
@@ -327,7 +321,7 @@ def test_churn_while_workers_raise(own_srv, recv):
     # FAILOVER / ROUND-ROBIN event delivered made one copy, a failed one none:
     #   delivered == fo_rr + (par - incomplete) / 2
     def settled():
-        d = {k: v - stats0[k] for k, v in _stats(srv).items()}
+        d = stats_delta(stats0, srv.virtual_stats())
         fo_rr, par = copies()
         if d["events"] == d["events_delivered"] + d["events_failed"] + d["events_incomplete"] \
                 and 2 * d["events_delivered"] == 2 * fo_rr + par - d["events_incomplete"]:
@@ -336,7 +330,7 @@ def test_churn_while_workers_raise(own_srv, recv):
     try:
         d = wait_until(settled, 10, "statistics and receivers to agree", interval=0.05)
     except AssertionError:
-        d = {k: v - stats0[k] for k, v in _stats(srv).items()}
+        d = stats_delta(stats0, srv.virtual_stats())
         raise AssertionError(f"statistics delta {d} vs deliveries (FAILOVER+ROUND-ROBIN, "
                              f"PARALLEL copies) {copies()}")
     fo_rr, par = copies()
@@ -417,7 +411,7 @@ def test_churn_while_workers_raise(own_srv, recv):
         direct = [s for s in srv.subscribers(ev) if not s.startswith("virtual:")]
         assert direct == [sentinels[ev].socket], direct
 
-    vl = srv.mi("event_virtual_list")["Subscriptions"]
+    vl = srv.virtual_list()
     got = Counter((s["event"], _canon(s["socket"])) for s in vl if s["event"] in evlist)
     want = Counter({(events[p], _canon(perm[p][1])) for p in POLICIES}
                    | {(ev, key) for ev in evlist for key in expected[ev]})
@@ -429,7 +423,7 @@ def test_churn_while_workers_raise(own_srv, recv):
         assert all(x["state"] == "healthy" and x["failures"] == 0
                    for x in s["Subscribers"] if x["socket"] != unix.socket), s
     for p in POLICIES:
-        one = [s for s in srv.mi("event_virtual_list", {"event": events[p]})["Subscriptions"]
+        one = [s for s in srv.virtual_list(events[p])
                if _canon(s["socket"]) == _canon(perm[p][1])]
         assert len(one) == 1
         attempts = [x["attempts"] for x in one[0]["Subscribers"]]
@@ -470,7 +464,7 @@ def test_churn_while_workers_raise(own_srv, recv):
     lost = re.compile(r"ERROR:event_virtual:.*event '(E_T\d+)' was not delivered by")
     errs = srv.log.errors_since(mark, module="event_virtual")
     assert all(lost.search(l) for l in errs), "\n".join(errs[:10])
-    failed = _stats(srv)["events_failed"] - stats0["events_failed"]  # sweeps included
+    failed = srv.virtual_stats()["events_failed"] - stats0["events_failed"]  # sweeps included
     assert len(errs) <= failed, (len(errs), failed)
     warns = [l for l in srv.log.lines_since(mark) if "WARNING:event_virtual" in l]
     assert all(f"subscriber '{unix.socket}' of" in l for l in warns), "\n".join(warns[:10])

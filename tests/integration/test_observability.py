@@ -14,51 +14,20 @@ import sys
 import time
 
 import pytest
+from opensips.mi import OpenSIPSMI, OpenSIPSMIException
 
-from evvharness import MIError, OpenSips, raise_one, virtual, wait_until
+from evvharness import VIRTUAL_STATS, MIError, raise_one, stats_delta, virtual, wait_until
 
-# modparam for the shared `srv` and `own_srv` servers of this file: short,
-# for the recovery test. The exact "skipped" checks run on `srv30`.
-FAILOVER_TIMEOUT = 1
-
-STATS = ("events", "events_delivered", "events_failed", "events_incomplete", "failovers")
-
-
-@pytest.fixture(scope="module")
-def _srv30(tmp_path_factory):
-    server = OpenSips(tmp_path_factory.mktemp("opensips30"), failover_timeout=30).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def srv30(_srv30):
-    """A server with failover_timeout=30: a failed subscriber stays skipped
-    for the whole test, so its counters are exact."""
-    _srv30.assert_alive("before this test")
-    yield _srv30
-    _srv30.assert_alive("after this test")
-
-
-def stats(srv):
-    res = srv.get_statistics(["event_virtual:"])
-    missing = [s for s in STATS if f"event_virtual:{s}" not in res]
-    assert not missing, f"statistics missing from get_statistics event_virtual: {missing}: {res}"
-    return {s: int(res[f"event_virtual:{s}"]) for s in STATS}
-
-
-def delta(before, after):
-    return {k: after[k] - before[k] for k in STATS}
-
-
-def vlist(srv, event=None):
-    res = srv.mi("event_virtual_list", {"event": event} if event else None)
-    assert isinstance(res, dict) and isinstance(res.get("Subscriptions"), list), res
-    return res["Subscriptions"]
+# the shared `srv` and `own_srv` servers of this file: short, for the
+# recovery test. The exact "skipped" checks run on a server with
+# failover_timeout=30 (marker srv30): a failed subscriber stays skipped for
+# the whole test, so its counters are exact.
+pytestmark = pytest.mark.server(failover_timeout=1)
+srv30 = pytest.mark.server(failover_timeout=30)
 
 
 def only_subscription(srv, event, sock):
-    subs = vlist(srv, event)
+    subs = srv.virtual_list(event)
     assert [s["socket"] for s in subs] == [sock], subs
     return subs[0]
 
@@ -67,7 +36,7 @@ def wait_stats(srv, before, n_events, timeout=5):
     """Raises run in workers and are counted when they end: wait until the
     `events` counter moved by n_events and the event outcomes add up."""
     def settled():
-        d = delta(before, stats(srv))
+        d = stats_delta(before, srv.virtual_stats())
         if d["events"] >= n_events and (
                 d["events_delivered"] + d["events_failed"] + d["events_incomplete"]
                 >= d["events"]):
@@ -84,14 +53,14 @@ def counters(sub):
 # event_virtual_list and statistics
 # --------------------------------------------------------------------------
 
-def test_parallel_dead_and_healthy_counted_exactly(srv30, recv):
-    srv = srv30
+@srv30
+def test_parallel_dead_and_healthy_counted_exactly(srv, recv):
     dead, live = recv.dead(), recv.udp()
     ev = srv.new_event()
     sock = virtual("PARALLEL", live, dead)
     srv.subscribe(ev, sock, expire=120)
     n = 7
-    before = stats(srv)
+    before = srv.virtual_stats()
     t0 = time.time()
     srv.send_sip(ev, count=n, tag="par")   # raised in a worker process
     live.wait_count(n, ev)
@@ -116,13 +85,13 @@ def test_parallel_dead_and_healthy_counted_exactly(srv30, recv):
     assert abs(skipped["skipped_for_ms"] - left_ms) <= 2500, (skipped, left_ms)
 
 
-def test_failover_dead_first_is_skipped_and_counted(srv30, recv):
-    srv = srv30
+@srv30
+def test_failover_dead_first_is_skipped_and_counted(srv, recv):
     dead, a, b = recv.dead(), recv.udp(), recv.udp()
     ev = srv.new_event()
     sock = virtual("FAILOVER", dead, a, b)
     srv.subscribe(ev, sock)
-    before = stats(srv)
+    before = srv.virtual_stats()
     n = 6
     for i in range(n):
         assert raise_one(srv, ev, i, [dead, a, b]) == [1]
@@ -143,15 +112,15 @@ def test_failover_dead_first_is_skipped_and_counted(srv30, recv):
     assert d2["state"] == "healthy" and counters(d2) == (0, 0), d2
 
 
-def test_round_robin_next_position_and_attempts(srv30, recv):
-    srv = srv30
+@srv30
+def test_round_robin_next_position_and_attempts(srv, recv):
     subs = recv.udp(3)
     ev = srv.new_event()
     sock = virtual("ROUND-ROBIN", *subs)
     srv.subscribe(ev, sock)
     s = only_subscription(srv, ev, sock)
     assert s["policy"] == "ROUND-ROBIN" and s["next"] == 0, s
-    before = stats(srv)
+    before = srv.virtual_stats()
     for i in range(7):
         assert raise_one(srv, ev, i, subs) == [i % 3]
         d = wait_stats(srv, before, i + 1)
@@ -165,14 +134,14 @@ def test_round_robin_next_position_and_attempts(srv30, recv):
                  "events_incomplete": 0, "failovers": 0}, d
 
 
-def test_round_robin_with_dead_subscriber(srv30, recv):
-    srv = srv30
+@srv30
+def test_round_robin_with_dead_subscriber(srv, recv):
     a, dead, b = recv.udp(), recv.dead(), recv.udp()
     subs = [a, dead, b]
     ev = srv.new_event()
     sock = virtual("ROUND-ROBIN", *subs)
     srv.subscribe(ev, sock)
-    before = stats(srv)
+    before = srv.virtual_stats()
     n = 10
     for i in range(n):
         got = raise_one(srv, ev, i, subs)
@@ -192,13 +161,13 @@ def test_round_robin_with_dead_subscriber(srv30, recv):
     assert 0 <= s["next"] < 3
 
 
-def test_all_subscribers_dead_counts_failed_events(srv30, recv):
-    srv = srv30
+@srv30
+def test_all_subscribers_dead_counts_failed_events(srv, recv):
     d1, d2 = recv.dead(), recv.dead()
     ev = srv.new_event()
     sock = virtual("FAILOVER", d1, d2)
     srv.subscribe(ev, sock)
-    before = stats(srv)
+    before = srv.virtual_stats()
     n = 4
     srv.send_sip(ev, count=n)
     d = wait_stats(srv, before, n)
@@ -210,8 +179,8 @@ def test_all_subscribers_dead_counts_failed_events(srv30, recv):
         ("skipped", n, n), ("skipped", n, n)], s
 
 
-def test_filter_by_event(srv30, recv):
-    srv = srv30
+@srv30
+def test_filter_by_event(srv, recv):
     a, b, c = recv.udp(3)
     ev1, ev2 = srv.new_event(), srv.new_event()
     s1 = virtual("FAILOVER", a, b)
@@ -222,31 +191,32 @@ def test_filter_by_event(srv30, recv):
     srv.subscribe(ev2, s3)
     srv.subscribe(ev1, a.socket)   # a direct subscriber is no virtual one
 
-    l1 = vlist(srv, ev1)
+    l1 = srv.virtual_list(ev1)
     assert sorted(s["socket"] for s in l1) == sorted([s1, s2]), l1
     assert {s["event"] for s in l1} == {ev1}
-    l2 = vlist(srv, ev2)
+    l2 = srv.virtual_list(ev2)
     assert [s["socket"] for s in l2] == [s3] and l2[0]["event"] == ev2, l2
 
-    everything = {(s["event"], s["socket"]) for s in vlist(srv)}
+    everything = {(s["event"], s["socket"]) for s in srv.virtual_list()}
     assert {(ev1, s1), (ev1, s2), (ev2, s3)} <= everything
     assert (ev1, a.socket) not in everything and (ev1, "udp:" + a.socket) not in everything
-    assert all(s["socket"].startswith("virtual:") for s in vlist(srv))
+    assert all(s["socket"].startswith("virtual:") for s in srv.virtual_list())
 
     # an event with no subscription at all: an empty list, not an error
     ev3 = srv.new_event()
-    assert vlist(srv, ev3) == []
+    assert srv.virtual_list(ev3) == []
 
 
-def test_unknown_event_is_an_error(srv30):
+@srv30
+def test_unknown_event_is_an_error(srv):
     with pytest.raises(MIError) as err:
-        srv30.mi("event_virtual_list", {"event": "E_NO_SUCH_EVENT_EVV"})
+        srv.mi("event_virtual_list", {"event": "E_NO_SUCH_EVENT_EVV"})
     assert err.value.code == 404, err.value.error
     assert "E_NO_SUCH_EVENT_EVV" in (err.value.message or ""), err.value.error
 
 
-def test_expired_and_unsubscribed_not_listed(srv30, recv):
-    srv = srv30
+@srv30
+def test_expired_and_unsubscribed_not_listed(srv, recv):
     a, b = recv.udp(2)
     ev = srv.new_event()
     keep = virtual("FAILOVER", a, b)
@@ -255,15 +225,15 @@ def test_expired_and_unsubscribed_not_listed(srv30, recv):
     srv.subscribe(ev, keep, expire=300)
     srv.subscribe(ev, gone, expire=300)
     srv.subscribe(ev, short, expire=1)
-    assert sorted(s["socket"] for s in vlist(srv, ev)) == sorted([keep, gone, short])
+    assert sorted(s["socket"] for s in srv.virtual_list(ev)) == sorted([keep, gone, short])
     srv.unsubscribe(ev, gone)
     # the core drops an unsubscribed (expire 0) or expired subscription
     # once its second is over
-    wait_until(lambda: [s["socket"] for s in vlist(srv, ev)] == [keep], 5,
+    wait_until(lambda: [s["socket"] for s in srv.virtual_list(ev)] == [keep], 5,
                "the unsubscribed and the expired subscription to leave event_virtual_list")
     assert srv.subscribers(ev) == [keep]
-    assert [s["socket"] for s in vlist(srv) if s["event"] == ev] == [keep]
-    s = vlist(srv, ev)[0]
+    assert [s["socket"] for s in srv.virtual_list() if s["event"] == ev] == [keep]
+    s = srv.virtual_list(ev)[0]
     assert s["expire"] == 300
 
 
@@ -294,10 +264,10 @@ def test_failing_logged_once_recovery_once(own_srv, recv):
         live.wait_count(sent, ev)
         if rnd < 2:
             t = time.monotonic()
-            wait_until(lambda: vlist(srv, ev)[0]["Subscribers"][0]["state"] == "failing",
+            wait_until(lambda: srv.virtual_list(ev)[0]["Subscribers"][0]["state"] == "failing",
                        3, "the dead subscriber's window to end")
             assert time.monotonic() - t < 2.5
-    s = vlist(srv, ev)[0]["Subscribers"][0]
+    s = srv.virtual_list(ev)[0]["Subscribers"][0]
     assert s["failures"] >= 3 and s["attempts"] == s["failures"], s
     warns = _lines(srv, mark, "WARNING", dead.socket, sock)
     assert len(warns) == 1 and warns[0].rstrip().endswith("is failing"), (
@@ -318,7 +288,7 @@ def test_failing_logged_once_recovery_once(own_srv, recv):
                          "the NOTICE line of the recovery")
     assert len(notices) == 1 and notices[0].rstrip().endswith("has recovered"), notices
     assert len(_lines(srv, mark, "WARNING", dead.socket, sock)) == 1
-    s = vlist(srv, ev)[0]["Subscribers"][0]
+    s = srv.virtual_list(ev)[0]["Subscribers"][0]
     assert s["state"] == "healthy" and "skipped_for_ms" not in s, s
 
 
@@ -329,7 +299,7 @@ def test_parallel_dead_subscriber_no_error_per_event(own_srv, recv):
     sock = virtual("PARALLEL", live, dead)
     srv.subscribe(ev, sock)
     mark = srv.log.mark()
-    before = stats(srv)
+    before = srv.virtual_stats()
     n = 30
     srv.send_sip(ev, count=n)
     live.wait_count(n, ev)
@@ -345,32 +315,22 @@ def test_parallel_dead_subscriber_no_error_per_event(own_srv, recv):
 # the opensips-mi client (PyPI package `opensips`)
 # --------------------------------------------------------------------------
 
-def _opensips_mi_cmd(srv, *args):
-    try:
-        import opensips.mi  # noqa: F401
-    except ImportError:
-        pytest.fail("the `opensips` Python package is missing: "
-                    "pip install -r tests/requirements.txt", pytrace=False)
-    return [sys.executable, "-m", "opensips.mi", "-t", "datagram",
-            "-i", "127.0.0.1", "-p", str(srv.mi_port), "-dt", "5", *args]
-
-
 def _run_opensips_mi(srv, tmp_path, *args):
     # cwd: the client reads a `.env` from its working directory
-    proc = subprocess.run(_opensips_mi_cmd(srv, *args), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
-    return proc
+    return subprocess.run([sys.executable, "-m", "opensips.mi", "-t", "datagram",
+                           "-i", "127.0.0.1", "-p", str(srv.mi_port), "-dt", "5", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
 
 
-def test_opensips_mi_client_reads_the_list_and_statistics(srv30, recv, tmp_path):
-    srv = srv30
+@srv30
+def test_opensips_mi_client_reads_the_list_and_statistics(srv, recv, tmp_path):
     dead, a, b = recv.dead(), recv.udp(), recv.udp()
     ev = srv.new_event()
     sock = virtual("ROUND-ROBIN", a, dead, b)
     srv.subscribe(ev, sock, expire=200)
     for i in range(3):
         raise_one(srv, ev, i, [a, dead, b])
-    wanted = vlist(srv, ev)
+    wanted = srv.virtual_list(ev)
 
     proc = _run_opensips_mi(srv, tmp_path, "-j", json.dumps({"event": ev}), "event_virtual_list")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -397,8 +357,8 @@ def test_opensips_mi_client_reads_the_list_and_statistics(srv30, recv, tmp_path)
     proc = _run_opensips_mi(srv, tmp_path, "-s", "event_virtual:")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     st = json.loads(proc.stdout)
-    assert sorted(st) == sorted(f"event_virtual:{s}" for s in STATS), st
-    assert {k.split(":", 1)[1]: v for k, v in st.items()} == stats(srv)
+    assert sorted(st) == sorted(f"event_virtual:{s}" for s in VIRTUAL_STATS), st
+    assert {k.split(":", 1)[1]: v for k, v in st.items()} == srv.virtual_stats()
 
     # an unknown event: the client reports the error and exits non-zero
     proc = _run_opensips_mi(srv, tmp_path, "event_virtual_list", "E_NO_SUCH_EVENT_EVV")
@@ -406,13 +366,8 @@ def test_opensips_mi_client_reads_the_list_and_statistics(srv30, recv, tmp_path)
     assert "404" in proc.stdout and "E_NO_SUCH_EVENT_EVV" in proc.stdout, proc.stdout
 
 
-def test_opensips_mi_python_api(srv30, recv):
-    try:
-        from opensips.mi import OpenSIPSMI, OpenSIPSMIException
-    except ImportError:
-        pytest.fail("the `opensips` Python package is missing: "
-                    "pip install -r tests/requirements.txt", pytrace=False)
-    srv = srv30
+@srv30
+def test_opensips_mi_python_api(srv, recv):
     a, b = recv.udp(2)
     ev = srv.new_event()
     sock = virtual("PARALLEL", a, b)
@@ -427,6 +382,6 @@ def test_opensips_mi_python_api(srv30, recv):
     assert [(x["socket"], x["state"], x["attempts"], x["failures"])
             for x in s["Subscribers"]] == [(a.socket, "healthy", 1, 0), (b.socket, "healthy", 1, 0)]
     st = mi.execute("get_statistics", {"statistics": ["event_virtual:"]})
-    assert {k.split(":", 1)[1]: v for k, v in st.items()} == stats(srv)
+    assert {k.split(":", 1)[1]: v for k, v in st.items()} == srv.virtual_stats()
     with pytest.raises(OpenSIPSMIException, match="404"):
         mi.execute("event_virtual_list", {"event": "E_NO_SUCH_EVENT_EVV"})

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from evvharness import OPENSIPS_SRC, REPO_ROOT, raise_one, virtual
+from evvharness import OPENSIPS_SRC, raise_one, virtual
+from evvharness.env import REPO_ROOT
 
 
 def _release():
@@ -63,5 +64,5 @@ def test_module_from_unbuilt_release_source_loads_and_delivers(make_srv, recv, t
     srv.subscribe(ev, virtual("FAILOVER", *subs))
     for i in range(3):
         assert raise_one(srv, ev, i, subs, timeout=3) == [1]
-    listed = srv.mi("event_virtual_list", {"event": ev})["Subscriptions"]
+    listed = srv.virtual_list(ev)
     assert [s["policy"] for s in listed] == ["FAILOVER"]

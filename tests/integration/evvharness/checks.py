@@ -1,0 +1,72 @@
+"""What tests check about deliveries: virtual socket strings, one event
+raised and followed to its receivers, absence and exactly-once checks."""
+
+import time
+
+from .util import DEFAULT_TIMEOUT, wait_until
+
+
+def virtual(policy, *subs):
+    return "virtual:" + policy + " " + " ".join(
+        s if isinstance(s, str) else s.socket for s in subs)
+
+
+def seq_of(ev):
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("seq")
+    return None
+
+
+def seqs_of(receiver, event):
+    return [seq_of(e) for e in receiver.events(event)]
+
+
+def who_got(receivers, event, seq):
+    """Indexes of receivers that got (event, seq) so far."""
+    return [i for i, r in enumerate(receivers)
+            if any(seq_of(e) == seq for e in r.events(event))]
+
+
+def raise_one(srv, event, seq, receivers, copies=1, timeout=DEFAULT_TIMEOUT):
+    """Raise event (param seq) over MI and wait until `copies` receivers in
+    total got it. Returns the indexes of the receivers that got it.
+    Raising one at a time keeps the order: MI hands each raise to some worker."""
+    srv.raise_event(event, {"seq": seq})
+    return wait_until(
+        lambda: (lambda got: got if len(got) >= copies else None)(who_got(receivers, event, seq)),
+        timeout, f"{event} seq={seq} to reach {copies} receiver(s) of {receivers}")
+
+
+def assert_quiet(receivers, expected, event=None, window=0.3):
+    """Absence check: over a short window, the counts stay as expected.
+    (Loopback datagrams land in the receiver's buffer during the sender's
+    sendto(), so anything still to come would be in flight already.)"""
+    deadline = time.monotonic() + window
+    while True:
+        counts = [r.count(event) for r in receivers]
+        assert counts == list(expected), (
+            f"unexpected deliveries of {event}: got {counts}, expected {list(expected)}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
+
+
+def assert_each_once(receivers, event, seqs, attempts=()):
+    """Every seq in seqs reached exactly one receiver of `receivers` (the
+    live ones), exactly once; `attempts` (failing subscribers) saw each seq
+    at most once. Returns per-live-receiver counts."""
+    seen = {}
+    for i, r in enumerate(receivers):
+        for s in seqs_of(r, event):
+            seen.setdefault(s, []).append(i)
+    lost = [s for s in seqs if s not in seen]
+    dup = {s: who for s, who in seen.items() if len(who) > 1}
+    extra = [s for s in seen if s not in seqs]
+    assert not lost and not dup and not extra, (
+        f"{event}: lost {lost}, delivered more than once {dup}, unexpected {extra}; "
+        f"counts {[r.count(event) for r in receivers]}")
+    for r in attempts:
+        got = seqs_of(r, event)
+        assert len(got) == len(set(got)), f"{r} was tried twice with one event: {sorted(got)}"
+    return [r.count(event) for r in receivers]

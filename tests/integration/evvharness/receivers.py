@@ -1,0 +1,292 @@
+"""What event subscribers got: receivers for event_datagram (UDP, unix
+datagram), event_flatstore (files) and event_stream (a JSON-RPC server),
+collected by background threads, and the per-test factory of them."""
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+from .util import DEFAULT_TIMEOUT, wait_until
+
+
+class Receiver:
+    """What one subscriber got, in arrival order: dicts {method, params}."""
+
+    socket = None  # the event socket string, e.g. "udp:127.0.0.1:4000"
+
+    def __init__(self):
+        self._events = []
+        self._lock = threading.Lock()
+
+    def _add(self, ev):
+        with self._lock:
+            self._events.append(ev)
+
+    def events(self, event=None):
+        with self._lock:
+            evs = list(self._events)
+        return [e for e in evs if event is None or e["method"] == event]
+
+    def count(self, event=None):
+        return len(self.events(event))
+
+    def wait_count(self, n, event=None, timeout=DEFAULT_TIMEOUT):
+        wait_until(lambda: self.count(event) >= n, timeout,
+                   f"{n} x {event or 'any event'} at {self.socket} (got {self.count(event)})")
+
+    def close(self):
+        pass
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.socket}>"
+
+
+class _DatagramReceiver(Receiver):
+    def __init__(self, family, address):
+        super().__init__()
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.address = address
+        self._stop = False
+        self._thread = None
+
+    def _start(self):
+        self.sock.bind(self.address)
+        self.sock.settimeout(0.05)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                msg = {"method": None, "raw": data}
+            self._add({"method": msg.get("method"), "params": msg.get("params"), "raw": data})
+
+    def close(self):
+        self._stop = True
+        if self._thread:
+            self._thread.join(2)
+        self.sock.close()
+
+
+class UdpReceiver(_DatagramReceiver):
+    def __init__(self):
+        super().__init__(socket.AF_INET, ("127.0.0.1", 0))
+        self._start()
+        self.port = self.sock.getsockname()[1]
+        self.socket = f"udp:127.0.0.1:{self.port}"
+
+
+class UnixReceiver(_DatagramReceiver):
+    """unix datagram listener; bind=False gives a dead subscriber (nobody
+    bound at the path: event_datagram's sendto fails at once) that can be
+    brought to life later with bind()."""
+
+    def __init__(self, path, bind=True):
+        super().__init__(socket.AF_UNIX, str(path))
+        self.path = Path(path)
+        self.socket = f"unix:{path}"
+        if bind:
+            self.bind()
+
+    def bind(self):
+        self._start()
+
+    @property
+    def bound(self):
+        return self._thread is not None
+
+    def close(self):
+        super().close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class FlatstoreReceiver(Receiver):
+    """event_flatstore writes `EVENT,value1,value2...` lines to a file."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+        self.socket = f"flatstore:{path}"
+
+    def events(self, event=None):
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        evs = []
+        for line in lines:
+            fields = line.split(",")
+            evs.append({"method": fields[0], "params": fields[1:], "raw": line})
+        return [e for e in evs if event is None or e["method"] == event]
+
+
+class JsonRpcServer(Receiver):
+    """event_stream subscriber (`tcp:127.0.0.1:PORT`). In reliable mode
+    event_stream sends JSON-RPC requests with an id, back to back on one
+    connection, and reports the answer to the raiser asynchronously
+    (EVI_ASYNC_STATUS). The answer can be changed at any time: mode "ok" (a result), "error" (an error object) or
+    "hold" (no answer now: the request is kept, to be answered later with
+    release() - or never, which is a silent server).
+
+    events() is every request that reached the server (an attempt, not
+    necessarily a delivery)."""
+
+    def __init__(self, mode="ok"):
+        super().__init__()
+        self._mode = mode
+        self._held = []  # (conn, request)
+        self._mlock = threading.Lock()
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.lsock.settimeout(0.05)
+        self.port = self.lsock.getsockname()[1]
+        self.socket = f"tcp:127.0.0.1:{self.port}"
+        self._stop = False
+        self._conns = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def set_mode(self, mode):
+        assert mode in ("ok", "error", "hold")
+        with self._mlock:
+            self._mode = mode
+
+    def held(self):
+        with self._mlock:
+            return [req for _, req in self._held]
+
+    def release(self, answer_for=lambda req: "ok", limit=None):
+        """Answer the held requests (the first `limit` of them, default all);
+        answer_for(request) -> "ok" | "error". Note: event_stream cannot take
+        more than a few answers arriving in one read (it then drops the
+        connection and fails what is pending on it): release one at a time
+        and wait for its effect when that matters."""
+        with self._mlock:
+            n = len(self._held) if limit is None else limit
+            held, self._held = self._held[:n], self._held[n:]
+        for conn, req in held:
+            self._reply(conn, req, answer_for(req))
+        return [req for _, req in held]
+
+    @staticmethod
+    def _reply(conn, req, answer):
+        if answer == "ok":
+            reply = {"jsonrpc": "2.0", "id": req["id"], "result": "OK"}
+        else:
+            reply = {"jsonrpc": "2.0", "id": req["id"],
+                     "error": {"code": -32000, "message": "refused by test"}}
+        try:
+            conn.sendall(json.dumps(reply).encode())
+        except OSError:
+            pass
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                conn, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn):
+        decoder = json.JSONDecoder()
+        buf = ""
+        conn.settimeout(0.05)
+        while not self._stop:
+            try:
+                data = conn.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data.decode()
+            while True:
+                buf = buf.lstrip()
+                try:
+                    msg, end = decoder.raw_decode(buf)
+                except ValueError:
+                    break
+                buf = buf[end:]
+                self._add({"method": msg.get("method"), "params": msg.get("params"),
+                           "raw": msg})
+                if "id" not in msg:
+                    continue
+                with self._mlock:
+                    mode = self._mode
+                    if mode == "hold":
+                        self._held.append((conn, msg))
+                if mode != "hold":
+                    self._reply(conn, msg, mode)
+
+    def close(self):
+        self._stop = True
+        for t in self._threads:
+            t.join(2)
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        self.lsock.close()
+
+
+class Receivers:
+    """Factory for receivers of one test; closes them at teardown."""
+
+    def __init__(self, tmpdir):
+        self.dir = Path(tmpdir)
+        self.all = []
+        self._n = 0
+
+    def _path(self, stem):
+        self._n += 1
+        return self.dir / f"{stem}{self._n}"
+
+    def _keep(self, r):
+        self.all.append(r)
+        return r
+
+    def udp(self, n=None):
+        if n is not None:
+            return [self.udp() for _ in range(n)]
+        return self._keep(UdpReceiver())
+
+    def unix(self, bind=True):
+        return self._keep(UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind))
+
+    def dead(self):
+        """A subscriber whose raise fails at once (unix path nobody bound)."""
+        return self.unix(bind=False)
+
+    def tcp(self, answer="ok"):
+        """A JSON-RPC server for event_stream; answer "ok" | "error" | "hold"."""
+        return self._keep(JsonRpcServer(answer))
+
+    def flatstore(self):
+        return self._keep(FlatstoreReceiver(self._path("f").with_suffix(".log")))
+
+    def close(self):
+        for r in self.all:
+            r.close()

@@ -1,0 +1,30 @@
+"""Waits with a deadline, and loopback ports."""
+
+import socket
+import time
+
+DEFAULT_TIMEOUT = 5.0
+
+
+def wait_until(cond, timeout=DEFAULT_TIMEOUT, what="condition", interval=0.005):
+    """Poll cond() until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port(kind=socket.SOCK_DGRAM):
+    """A loopback port free now (UDP by default, SOCK_STREAM for TCP)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_tcp_port():
+    """A loopback TCP port nobody listens on: a connect is refused at once."""
+    return free_port(socket.SOCK_STREAM)
