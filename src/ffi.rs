@@ -972,14 +972,16 @@ unsafe extern "C" fn evv_visit(arg: *mut c_void, event: *const str_, sock: *mut 
         // we are called with.
         let reply = unsafe { &*vsock.reply.get() };
         let (now, window) = (now_ms(), rules().window_ms);
-        let n = vsock.subs().len() as u64;
         out.push(SubscriptionView {
             event: event.to_vec(),
             socket: [&b"virtual:"[..], vsock.text()].concat(),
             policy: vsock.policy,
             expire: (reply.flags & sys::EVI_EXPIRE != 0).then_some(reply.expire),
-            next: (vsock.policy == Policy::RoundRobin)
-                .then(|| (vsock.rotation.load(Ordering::Relaxed) % n) as usize),
+            // the ticket the next event takes, placed as delivery will
+            next: (vsock.policy == Policy::RoundRobin).then(|| {
+                let ticket = vsock.rotation.load(Ordering::Relaxed);
+                policy::rotation_start(ticket, vsock.subs(), window, now)
+            }),
             subscribers: vsock
                 .subs()
                 .iter()
