@@ -6,6 +6,8 @@
 //! allocated while an event is delivered.  The transport itself is behind
 //! the [`Driver`] trait, so the tests run these rules over a fake one.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::socket::{MAX_SUBSCRIBERS, Policy};
