@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::hooks::Virtual;
 use super::mi_list::{ListAll, ListEvent};
 use crate::opensips::log::log;
-use crate::opensips::mi::{self, Commands, Recipe};
-use crate::opensips::module::{Exports, IntParam, PARAMS_END, Params, STATS_END, Stat, Stats};
+use crate::opensips::mi::{self, Recipe};
+use crate::opensips::module::{
+    Commands, Exports, IntParam, PARAMS_END, Params, STATS_END, Stat, Stats, Table,
+};
 use crate::opensips::transport::TransportExport;
 use crate::policy::Rules;
 use crate::socket::VIRTUAL_PROTO;
@@ -20,7 +22,7 @@ pub const DEFAULT_FAILOVER_TIMEOUT_S: c_int = 30;
 
 static FAILOVER_TIMEOUT: IntParam = IntParam::new(DEFAULT_FAILOVER_TIMEOUT_S);
 
-static PARAMS: Params<2> = Params::new([FAILOVER_TIMEOUT.export(c"failover_timeout"), PARAMS_END]);
+static PARAMS: Params<2> = Table([FAILOVER_TIMEOUT.export(c"failover_timeout"), PARAMS_END]);
 
 pub static EVENTS: Stat = Stat::unregistered();
 pub static DELIVERED: Stat = Stat::unregistered();
@@ -28,7 +30,7 @@ pub static FAILED: Stat = Stat::unregistered();
 pub static INCOMPLETE: Stat = Stat::unregistered();
 pub static FAILOVERS: Stat = Stat::unregistered();
 
-static STATS: Stats<6> = Stats::new([
+static STATS: Stats<6> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
@@ -37,7 +39,7 @@ static STATS: Stats<6> = Stats::new([
     STATS_END,
 ]);
 
-static MI_COMMANDS: Commands<2> = Commands::new([
+static MI_COMMANDS: Commands<2> = Table([
     mi::command(
         c"event_virtual_list",
         c"lists the virtual subscriptions, their subscribers' health and counters",

@@ -9,74 +9,38 @@ use crate::opensips::mi::{Full, Handler, Item, Params, Response};
 use crate::opensips::now_ms;
 use crate::policy::{self, State};
 use crate::socket::{self, Policy};
+use std::sync::atomic::Ordering;
 
-/// One subscriber as the list shows it.
-struct SubscriberView {
-    socket: Vec<u8>,
-    state: State,
-    attempts: u64,
-    failures: u64,
-}
+/// Every subscription's event, socket and expire time, copied out while
+/// its event's subscriber list was locked; the references keep the sockets
+/// for the rendering, after the lock.
+type Listed = Vec<(Vec<u8>, SockRef, Option<u32>)>;
 
-/// One virtual subscription as the list shows it, copied out while its
-/// event's subscriber list was locked.
-struct SubscriptionView {
-    event: Vec<u8>,
-    socket: Vec<u8>,
-    policy: Policy,
-    /// Seconds it was subscribed for, when it expires.
-    expire: Option<u32>,
-    /// ROUND-ROBIN: the subscriber the next event starts at.
-    next: Option<usize>,
-    subscribers: Vec<SubscriberView>,
-}
-
-fn view(event: &[u8], sock: &SockRef, expire: Option<u32>) -> SubscriptionView {
+fn render(root: &Item, list: &Listed) -> Result<(), Full> {
     let (now, window) = (now_ms(), exports::rules().window_ms);
-    SubscriptionView {
-        event: event.to_vec(),
-        socket: [&b"virtual:"[..], sock.text()].concat(),
-        policy: sock.policy,
-        expire,
-        // the ticket the next event takes, placed as delivery will
-        next: (sock.policy == Policy::RoundRobin).then(|| {
-            let ticket = sock.rotation.load(std::sync::atomic::Ordering::Relaxed);
-            policy::rotation_start(ticket, sock.subs(), window, now)
-        }),
-        subscribers: sock
-            .subs()
-            .iter()
-            .map(|s| SubscriberView {
-                socket: sock.token(s).to_vec(),
-                state: s.health.state(now, window),
-                attempts: s.health.attempts(),
-                failures: s.health.failures(),
-            })
-            .collect(),
-    }
-}
-
-fn render(root: &Item, list: &[SubscriptionView]) -> Result<(), Full> {
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let subscriptions = root.array("Subscriptions")?;
-    for v in list {
+    for (event, sock, expire) in list {
         let o = subscriptions.element()?;
-        o.string("event", &v.event)?;
-        o.string("socket", &v.socket)?;
-        o.string("policy", v.policy.name().as_bytes())?;
-        if let Some(expire) = v.expire {
-            o.number("expire", expire.into())?;
+        o.string("event", event)?;
+        o.string("socket", &[&b"virtual:"[..], sock.text()].concat())?;
+        o.string("policy", sock.policy.name().as_bytes())?;
+        if let Some(expire) = expire {
+            o.number("expire", (*expire).into())?;
         }
-        if let Some(next) = v.next {
+        if sock.policy == Policy::RoundRobin {
+            // the ticket the next event takes, placed as delivery will
+            let ticket = sock.rotation.load(Ordering::Relaxed);
+            let next = policy::rotation_start(ticket, sock.subs(), window, now);
             o.number("next", next as f64)?;
         }
         let subs = o.array("Subscribers")?;
-        for s in &v.subscribers {
+        for s in sock.subs() {
             let so = subs.element()?;
-            so.string("socket", &s.socket)?;
-            match s.state {
+            so.string("socket", sock.token(s))?;
+            match s.health.state(now, window) {
                 State::Healthy => so.string("state", b"healthy")?,
                 State::Failing => so.string("state", b"failing")?,
                 State::Skipped { for_ms } => {
@@ -86,8 +50,8 @@ fn render(root: &Item, list: &[SubscriptionView]) -> Result<(), Full> {
                     so.number("skipped_until", (wall_ms + for_ms).div_ceil(1000) as f64)?;
                 }
             }
-            so.number("attempts", s.attempts as f64)?;
-            so.number("failures", s.failures as f64)?;
+            so.number("attempts", s.health.attempts() as f64)?;
+            so.number("failures", s.health.failures() as f64)?;
         }
     }
     Ok(())
@@ -97,7 +61,7 @@ fn list(filter: Option<&[u8]>) -> Response {
     let mut list = Vec::new();
     let walked = TRANSPORT.walk_subscriptions(filter, |event, sock, expire| {
         if let Some(sock) = SockRef::of(sock) {
-            list.push(view(event, &sock, expire));
+            list.push((event.to_vec(), sock, expire));
         }
     });
     if walked.is_err() {

@@ -135,12 +135,6 @@ impl Recipe {
     }
 }
 
-/// The module's MI commands, terminated as the core expects.
-pub struct Commands<const N: usize>([mi_export_t; N]);
-
-// SAFETY: never written after load; it points at static data and functions.
-unsafe impl<const N: usize> Sync for Commands<N> {}
-
 /// The terminator of a command table.
 // SAFETY: an all-zero entry is EMPTY_MI_EXPORT.
 pub const END: mi_export_t = unsafe { std::mem::zeroed() };
@@ -161,14 +155,4 @@ pub const fn command<const R: usize>(
         i += 1;
     }
     cmd
-}
-
-impl<const N: usize> Commands<N> {
-    pub const fn new(commands: [mi_export_t; N]) -> Self {
-        Commands(commands)
-    }
-
-    pub(super) const fn as_ptr(&'static self) -> *const mi_export_t {
-        self.0.as_ptr()
-    }
 }

@@ -5,8 +5,7 @@ use std::cell::UnsafeCell;
 use std::ffi::{CStr, c_char, c_int};
 use std::ptr::{null, null_mut};
 
-use super::mi::Commands;
-use super::sys::{self, param_export_t, stat_export_t, stat_var};
+use super::sys::{self, mi_export_t, param_export_t, stat_export_t, stat_var};
 
 /// `struct module_exports`, read by the core when it loads the module.
 #[repr(transparent)]
@@ -43,7 +42,7 @@ impl Exports {
             acmds: null(),
             params: params.0.as_ptr(),
             stats: stats.0.as_ptr(),
-            mi_cmds: mi.as_ptr(),
+            mi_cmds: mi.0.as_ptr(),
             items: null(),
             trans: null(),
             procs: null(),
@@ -56,6 +55,17 @@ impl Exports {
         })
     }
 }
+
+/// A table of what the module exports (parameters, statistics, MI
+/// commands), whose last entry is the terminator the core expects.
+pub struct Table<T, const N: usize>(pub [T; N]);
+
+// SAFETY: never written after load; it points at static data and functions.
+unsafe impl<T, const N: usize> Sync for Table<T, N> {}
+
+pub type Params<const N: usize> = Table<param_export_t, N>;
+pub type Stats<const N: usize> = Table<stat_export_t, N>;
+pub type Commands<const N: usize> = Table<mi_export_t, N>;
 
 /// An integer modparam.  The core writes it while it reads the
 /// configuration, before mod_init and before it forks; after that every
@@ -81,19 +91,6 @@ impl IntParam {
             type_: sys::INT_PARAM,
             param_pointer: self.0.get().cast(),
         }
-    }
-}
-
-/// The module's parameters, terminated as the core expects.
-pub struct Params<const N: usize>([param_export_t; N]);
-
-// SAFETY: never written after load; it points at static data.
-unsafe impl<const N: usize> Sync for Params<N> {}
-
-impl<const N: usize> Params<N> {
-    /// The table with its terminator, which the last entry must be.
-    pub const fn new(params: [param_export_t; N]) -> Self {
-        Params(params)
     }
 }
 
@@ -130,19 +127,6 @@ impl Stat {
             flags: 0,
             stat_pointer: self.0.get(),
         }
-    }
-}
-
-/// The module's statistics, terminated as the core expects.
-pub struct Stats<const N: usize>([stat_export_t; N]);
-
-// SAFETY: never written after load; it points at static data.
-unsafe impl<const N: usize> Sync for Stats<N> {}
-
-impl<const N: usize> Stats<N> {
-    /// The table with its terminator, which the last entry must be.
-    pub const fn new(stats: [stat_export_t; N]) -> Self {
-        Stats(stats)
     }
 }
 

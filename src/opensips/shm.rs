@@ -9,7 +9,7 @@
 
 use std::ffi::c_void;
 use std::mem::{ManuallyDrop, size_of};
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -131,13 +131,6 @@ impl<T> Deref for ShmBox<T> {
     fn deref(&self) -> &T {
         // SAFETY: the block lives as long as its owner.
         unsafe { &(*self.0.as_ptr()).value }
-    }
-}
-
-impl<T> DerefMut for ShmBox<T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the block lives as long as its owner, its only one.
-        unsafe { &mut (*self.0.as_ptr()).value }
     }
 }
 
