@@ -9,7 +9,7 @@ use super::raise::CoreDriver;
 use super::vsock::SockRef;
 use crate::opensips::event::{DummyMsg, EventCopy, Msg};
 use crate::opensips::now_ms;
-use crate::opensips::shm::ShmBox;
+use crate::opensips::shm::{ShmRc, Tail};
 use crate::opensips::transport::Report;
 use crate::policy::{self, Attempt, Progress, Walk};
 
@@ -42,7 +42,7 @@ pub fn chain(driver: &mut CoreDriver<'_>, i: usize, walk: &Walk) -> Attempt {
         current: i,
         walk: *walk,
     };
-    let Some(chain) = ShmBox::new(chain) else {
+    let Some(chain) = ShmRc::single(chain) else {
         return driver.out_of_memory(i);
     };
     // the transport gets the copy, which lives as long as the chain
@@ -52,8 +52,8 @@ pub fn chain(driver: &mut CoreDriver<'_>, i: usize, walk: &Walk) -> Attempt {
     match driver.sock.subs()[i].sock.raise_reported(&event, chain) {
         // the report may already be running elsewhere: hands off
         Ok(()) => Attempt::Pending,
-        // refused at once: no report will come, and the chain goes
-        Err((rc, _)) => driver.failed(i, rc),
+        // refused at once: no report will come, and the chain is gone
+        Err(rc) => driver.failed(i, rc),
     }
 }
 
@@ -63,7 +63,7 @@ pub fn probe(driver: &mut CoreDriver<'_>, i: usize) -> Attempt {
         sock: driver.sock.clone(),
         index: i,
     };
-    let Some(probe) = ShmBox::new(probe) else {
+    let Some(probe) = ShmRc::single(probe) else {
         return driver.out_of_memory(i);
     };
     let Some(event) = driver.event() else {
@@ -71,25 +71,23 @@ pub fn probe(driver: &mut CoreDriver<'_>, i: usize) -> Attempt {
     };
     match driver.sock.subs()[i].sock.raise_reported(&event, probe) {
         Ok(()) => Attempt::Pending,
-        Err((rc, _)) => driver.failed(i, rc),
+        Err(rc) => driver.failed(i, rc),
     }
 }
 
+impl Tail for Chain {}
+impl Tail for Probe {}
+
 impl Report for Chain {
     /// Settle the event, or offer it on.
-    fn report(chain: ShmBox<Chain>, ok: bool) {
-        let Chain {
-            sock,
-            event,
-            current,
-            mut walk,
-        } = chain.into_inner();
+    fn report(chain: ShmRc<Chain>, ok: bool) {
+        let (sock, mut walk) = (&chain.sock, chain.walk);
         // the report is not part of any SIP message's processing:
         // transports raised from here get the core's dummy message
         let dummy = DummyMsg::new();
-        let mut driver = CoreDriver::new(&sock, None, Some(event), dummy.msg());
+        let mut driver = CoreDriver::new(sock, None, Some(chain.event.clone()), dummy.msg());
         let (rules, now) = (exports::rules(), now_ms());
-        match walk.resume(current, ok, sock.subs(), rules, now, &mut driver) {
+        match walk.resume(chain.current, ok, sock.subs(), rules, now, &mut driver) {
             Progress::Pending => {}
             Progress::Done(out) => driver.settle(out),
         }
@@ -97,7 +95,7 @@ impl Report for Chain {
 }
 
 impl Report for Probe {
-    fn report(probe: ShmBox<Probe>, ok: bool) {
+    fn report(probe: ShmRc<Probe>, ok: bool) {
         let mut driver = CoreDriver::new(&probe.sock, None, None, Msg::none());
         policy::record(probe.sock.subs(), probe.index, ok, now_ms(), &mut driver);
     }

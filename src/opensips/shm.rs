@@ -1,13 +1,12 @@
 //! OpenSIPS shared memory, owned by Rust values.
 //!
 //! Every block is a value followed by a payload of bytes, made by one
-//! helper ([`alloc`]) and freed when its owner goes: a [`ShmBox`] (one owner
-//! at a time, which may hand it through C and back) or the last [`ShmRc`]
-//! (a reference count in the block, shared by every process).  The server
+//! helper ([`alloc`]) and owned by [`ShmRc`] references, counted in the
+//! block and shared by every process; the last one frees it.  A reference
+//! can go through C and back as a pointer.  The server
 //! forks after the blocks' memory is mapped, so a pointer into a block is
 //! good in every process.
 
-use std::ffi::c_void;
 use std::mem::{ManuallyDrop, size_of};
 use std::ops::Deref;
 use std::ptr::{self, NonNull};
@@ -92,61 +91,17 @@ unsafe fn free<T>(block: NonNull<Block<T>>) {
     }
 }
 
-/// A block with one owner at a time, and no payload.
-pub struct ShmBox<T>(NonNull<Block<T>>);
-
-impl<T> ShmBox<T> {
-    pub fn new(value: T) -> Option<Self> {
-        alloc(value, 0, |_| {}).map(ShmBox)
-    }
-
-    /// Take the value out and free the block.
-    pub fn into_inner(self) -> T {
-        let this = ManuallyDrop::new(self);
-        // SAFETY: we own the block; the value is read out once and the
-        // block freed without dropping it again.
-        unsafe {
-            let block = this.0.as_ptr();
-            let value = ptr::read(&(*block).value);
-            sys::evv_shm_free(block.cast());
-            value
-        }
-    }
-
-    /// For a C callback's parameter: the block, owned by whoever holds it.
-    pub(super) fn into_raw(self) -> NonNull<c_void> {
-        ManuallyDrop::new(self).0.cast()
-    }
-
-    /// # Safety
-    /// `p` came from [`ShmBox::into_raw`] of a `ShmBox<T>` and is taken
-    /// back once.
-    pub(super) unsafe fn from_raw(p: NonNull<c_void>) -> Self {
-        ShmBox(p.cast())
-    }
-}
-
-impl<T> Deref for ShmBox<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the block lives as long as its owner.
-        unsafe { &(*self.0.as_ptr()).value }
-    }
-}
-
-impl<T> Drop for ShmBox<T> {
-    fn drop(&mut self) {
-        // SAFETY: the only owner gives it up.
-        unsafe { free(self.0) }
-    }
-}
-
 /// One reference to a block shared by its holders, in any process; the
 /// last one dropped frees it.  Only the payload and atomics in the value
 /// may change once it is shared.
 pub struct ShmRc<T: Tail>(NonNull<Block<T>>);
 
 impl<T: Tail> ShmRc<T> {
+    /// A block without payload.
+    pub fn single(value: T) -> Option<Self> {
+        Self::new(value, 0, |_| {})
+    }
+
     /// The value and a payload of `tail_len` bytes written by `fill`.
     pub fn new(value: T, tail_len: usize, fill: impl FnOnce(&mut [u8])) -> Option<Self> {
         alloc(value, tail_len, fill).map(ShmRc)

@@ -8,7 +8,7 @@ use std::ptr::{NonNull, null_mut};
 
 use super::entry;
 use super::event::Event;
-use super::shm::ShmBox;
+use super::shm::{ShmRc, Tail};
 use super::str::{self, str_};
 use super::sys::{self, evi_async_ctx_t, evi_export_t, evi_params_t, evi_reply_sock, sip_msg};
 
@@ -81,21 +81,25 @@ impl SubSocket {
 
     /// One raise whose outcome the transport reports later, in whatever
     /// process, to `T::report` with `param`.  When the transport refuses
-    /// at once no report comes, and `param` is given back.
+    /// at once no report comes, and `param` is dropped.
     pub fn raise_reported<T: Report>(
         &self,
         event: &Event<'_>,
-        param: ShmBox<T>,
-    ) -> Result<(), (c_int, ShmBox<T>)> {
+        param: ShmRc<T>,
+    ) -> Result<(), c_int> {
         let raw = param.into_raw();
         let ctx = evi_async_ctx_t {
             status_cb: Some(report::<T>),
-            cb_param: raw.as_ptr(),
+            cb_param: raw.cast(),
         };
         match self.call(event, ctx) {
             0 => Ok(()),
-            // SAFETY: refused at once, so no report will come with raw.
-            rc => Err((rc, unsafe { ShmBox::from_raw(raw) })),
+            rc => {
+                // SAFETY: refused at once, so no report will come with raw:
+                // the reference is ours again, and dropped.
+                drop(unsafe { ShmRc::from_raw(raw) });
+                Err(rc)
+            }
         }
     }
 }
@@ -115,16 +119,15 @@ impl Drop for SubSocket {
 }
 
 /// What comes back with a transport's asynchronous report.
-pub trait Report: Sized {
-    fn report(this: ShmBox<Self>, ok: bool);
+pub trait Report: Tail + Sized {
+    fn report(this: ShmRc<Self>, ok: bool);
 }
 
 unsafe extern "C" fn report<T: Report>(param: *mut c_void, status: sys::evi_status) {
     entry("status report", (), || {
-        if let Some(param) = NonNull::new(param) {
-            // SAFETY: the transport hands back, once, the param that
-            // raise_reported gave it.
-            let this = unsafe { ShmBox::<T>::from_raw(param) };
+        // SAFETY: the transport hands back, once, the param that
+        // raise_reported gave it.
+        if let Some(this) = unsafe { ShmRc::<T>::from_raw(param.cast()) } {
             T::report(this, status == sys::evi_status_EVI_STATUS_SUCCESS);
         }
     })
