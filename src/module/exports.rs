@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::hooks::Virtual;
 use super::mi_list::{ListAll, ListEvent};
+use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
     Commands, Exports, IntParam, PARAMS_END, Params, STATS_END, Stat, Stats, Table,
 };
-use crate::opensips::transport::TransportExport;
 use crate::policy::Rules;
 use crate::socket::VIRTUAL_PROTO;
 

@@ -8,10 +8,10 @@ use std::ptr::null_mut;
 use super::raise;
 use super::vsock::SockRef;
 use crate::opensips::event::Event;
+use crate::opensips::evi::{CoreSock, Hooks};
 use crate::opensips::evi_reply_sock;
 use crate::opensips::log::log;
 use crate::opensips::str::{self, str_};
-use crate::opensips::transport::{CoreSock, Hooks};
 use crate::socket;
 
 pub struct Virtual;

@@ -3,7 +3,7 @@
 //! A virtual socket is one [`ShmRc`] block:
 //!
 //! ```text
-//! [ VSock | Sub; n | printed text "POLICY SUB1 SUB2 ..." ]
+//! [ VSock | refs, payload length | Sub; n | printed text "POLICY SUB1 ..." ]
 //! ```
 //!
 //! The `evi_reply_sock` the core holds is the first field of `VSock`, so the
@@ -24,10 +24,11 @@ use std::ops::Deref;
 use std::ptr::{self, NonNull, null_mut};
 use std::sync::atomic::AtomicU64;
 
+use crate::opensips::evi::{CoreSock, reply_sock};
 use crate::opensips::evi_reply_sock;
 use crate::opensips::shm::{ShmRc, Tail, tail_offset};
 use crate::opensips::str::{self, str_};
-use crate::opensips::transport::{CoreSock, SubSocket, Transport, reply_sock};
+use crate::opensips::transport::{SubSocket, Transport};
 use crate::policy::Health;
 use crate::socket::{self, ParseError, Policy, Transports};
 

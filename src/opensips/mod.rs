@@ -22,6 +22,7 @@ mod sys {
 }
 
 pub mod event;
+pub mod evi;
 pub mod log;
 pub mod mi;
 pub mod module;
