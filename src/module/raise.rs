@@ -43,7 +43,7 @@ pub struct CoreDriver<'a> {
     core: Option<Event<'a>>,
     /// Its copy in shared memory, made at the first asynchronous attempt
     /// of a FAILOVER or ROUND-ROBIN event (or the chain's, on a report).
-    pub copy: Option<EventCopy>,
+    copy: Option<EventCopy>,
     msg: Msg,
 }
 
