@@ -1,11 +1,12 @@
 /*
  * event_virtual: the contract between the C shim (src/shim.c) and the Rust
- * side of the module.
+ * side of the module (src/opensips/, the wrapper layer over OpenSIPS).
  *
- * The shim owns everything that needs OpenSIPS's macros: the module's
- * version and compile flags, the modparam table, shm_malloc/shm_free and
- * the LM_* log macros.  Rust owns the transport hooks and all the logic.
- * Both sides include nothing else from each other.
+ * The shim holds only what needs OpenSIPS's macros: the version strings,
+ * the LM_* log macros, shm_malloc/shm_free, update_stat and the locked
+ * walk over the core's events.  The module's declaration (parameters,
+ * statistics, MI commands, the transport, `exports`) is in Rust
+ * (src/module/exports.rs).  Both sides include nothing else from each other.
  */
 #ifndef EVENT_VIRTUAL_SHIM_H
 #define EVENT_VIRTUAL_SHIM_H
@@ -14,7 +15,6 @@
 
 #include "sr_module.h"
 #include "statistics.h"
-#include "mi/mi.h"
 #include "evi/evi_transport.h"
 
 /* ---- defined in C (src/shim.c), used by Rust ---- */
@@ -25,10 +25,8 @@ extern const char evv_compile_flags[];
 extern const char evv_scm_type[];
 extern const char evv_scm_rev[];
 
-extern const param_export_t evv_params[];
-extern const stat_export_t evv_stats[];
-extern const mi_export_t evv_mi_cmds[];
-
+/* mod_init and destroy: they log the core's usual lines, then mod_init
+ * hands over to evv_rs_init */
 int evv_mod_init(void);
 void evv_destroy(void);
 
@@ -50,41 +48,21 @@ int evv_log_enabled(int level);
 void *evv_shm_malloc(size_t size);
 void evv_shm_free(void *p);
 
-/* the module's statistics, in the order of evv_stats */
-enum evv_stat {
-	EVV_ST_EVENTS,
-	EVV_ST_DELIVERED,
-	EVV_ST_FAILED,
-	EVV_ST_INCOMPLETE,
-	EVV_ST_FAILOVERS,
-	EVV_ST_NUM
-};
-void evv_stat_add(int which, unsigned long n);
+/* update_stat on a registered statistic; var may be NULL (not registered) */
+void evv_stat_update(stat_var *var, long n);
 
-/* Calls visit once for every live virtual subscription, of every event or
- * of the one named by filter, while that event's subscriber list is locked:
- * visit must only copy what it needs.  Returns -1 when filter names no
- * event, 0 otherwise. */
+/* Calls visit once for every live subscription through transport trans, of
+ * every event or of the one named by filter, while that event's subscriber
+ * list is locked: visit must only copy what it needs.  Returns -1 when
+ * filter names no event, 0 otherwise. */
 typedef void (*evv_visit_f)(void *arg, const str *event,
 	evi_reply_sock *sock);
-int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg);
+int evv_walk_subscriptions(const str *filter, const evi_export_t *trans,
+	evv_visit_f visit, void *arg);
 
-/* ---- defined in Rust (src/ffi.rs), used by C ---- */
+/* ---- defined in Rust (src/lib.rs), used by C ---- */
 
-/* called from mod_init with the validated modparams; 0 on success */
-int evv_rs_init(unsigned int failover_timeout_s);
-
-evi_reply_sock *evv_rs_parse(str socket);
-str evv_rs_print(evi_reply_sock *sock);
-int evv_rs_match(evi_reply_sock *a, evi_reply_sock *b);
-void evv_rs_free(evi_reply_sock *sock);
-int evv_rs_raise(struct sip_msg *msg, str *ev_name, evi_reply_sock *sock,
-	evi_params_t *params, evi_async_ctx_t *async_ctx);
-
-/* MI event_virtual_list, without and with the "event" parameter */
-mi_response_t *evv_rs_mi_list(const mi_params_t *params,
-	struct mi_handler *async_hdl);
-mi_response_t *evv_rs_mi_list_event(const mi_params_t *params,
-	struct mi_handler *async_hdl);
+/* the module's initialisation, after the modparams are set; 0 on success */
+int evv_rs_init(void);
 
 #endif

@@ -2,6 +2,8 @@
 //! runs its body through [`guard`], which turns a panic into the entry's
 //! failure value and a report.
 
+#![forbid(unsafe_code)]
+
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 

@@ -3,8 +3,10 @@
 //! One virtual subscriber (`virtual:POLICY SUB1 SUB2 ...`) fans each event
 //! out to several real subscribers of other event transports, by one of
 //! three policies.  [`socket`] and [`policy`] are safe Rust and run under
-//! `cargo test` without OpenSIPS; `ffi` (built only against an OpenSIPS
-//! tree) holds every `unsafe` line and the module's boundary.
+//! `cargo test` without OpenSIPS.  Built against an OpenSIPS tree, `opensips`
+//! wraps the core in safe types (it and the virtual socket's layout hold
+//! every `unsafe` line), and `module` is the transport built on them; see
+//! `doc/architecture.md`.
 
 pub mod boundary;
 pub mod policy;
@@ -12,4 +14,21 @@ pub mod socket;
 
 // the unit tests never need OpenSIPS, so they do not link the boundary
 #[cfg(all(opensips, not(test)))]
-mod ffi;
+mod module;
+#[cfg(all(opensips, not(test)))]
+mod opensips;
+
+/// What OpenSIPS looks up by name when it loads the module; declared in
+/// `module::exports`.  It is defined here because rustc exports only
+/// Rust-defined symbols from a cdylib.
+#[cfg(all(opensips, not(test)))]
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static exports: opensips::module::Exports = module::exports::EXPORTS;
+
+/// mod_init's Rust half, called by the shim's `evv_mod_init`.
+#[cfg(all(opensips, not(test)))]
+#[unsafe(no_mangle)]
+pub extern "C" fn evv_rs_init() -> std::ffi::c_int {
+    opensips::entry("mod_init", -1, module::exports::init)
+}

@@ -6,6 +6,8 @@
 //! allocated while an event is delivered.  The transport itself is behind
 //! the [`Driver`] trait, so the tests run these rules over a fake one.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::socket::{MAX_SUBSCRIBERS, Policy};
@@ -323,11 +325,21 @@ pub fn deliver<S: AsRef<Health>, D: Driver>(
     Walk::begin(policy, rotation, subs, rules, now_ms).run(subs, rules, now_ms, driver)
 }
 
-/// Where a ROUND-ROBIN event starts.  Tickets are dealt over the healthy
-/// subscribers only, so that a passed-over subscriber's share is spread
-/// over all healthy ones rather than handed to its neighbour; with every
-/// subscriber healthy (or none) this is plain `ticket % n`.
-fn rotation_start<S: AsRef<Health>>(ticket: u64, subs: &[S], window_ms: u64, now_ms: u64) -> usize {
+/// Where a ROUND-ROBIN event with this ticket starts.  Tickets are dealt
+/// over the healthy subscribers only, so that a passed-over subscriber's
+/// share is spread over all healthy ones rather than handed to its
+/// neighbour; with every subscriber healthy (or none) this is plain
+/// `ticket % n`.
+///
+/// Delivery asks it with the ticket it takes, and MI `event_virtual_list`
+/// with the ticket the next event will take: one answer for both, so the
+/// subscriber the list names as next is the one the event goes to.
+pub fn rotation_start<S: AsRef<Health>>(
+    ticket: u64,
+    subs: &[S],
+    window_ms: u64,
+    now_ms: u64,
+) -> usize {
     let n = subs.len();
     let healthy = subs
         .iter()
@@ -574,6 +586,41 @@ mod tests {
         s.event(&mut f, 1);
         s.event(&mut f, 2);
         assert_eq!(f.tried, vec![0, 1, 2, 1, 2, 0]);
+    }
+
+    #[test]
+    fn the_announced_start_is_where_the_next_event_starts() {
+        // 4 subscribers, one of them (at each place in turn) passed over:
+        // tickets are dealt over 3, so `ticket % 4` would be wrong
+        for dead in 0..4 {
+            let s = Socket::new(Policy::RoundRobin, 4);
+            let mut up = [true; 4];
+            up[dead] = false;
+            let mut f = Fake::new(&up);
+            s.subs[dead].0.record(false, 1);
+            for t in 0..24 {
+                let ticket = s.rotation.load(Relaxed);
+                let announced = rotation_start(ticket, &s.subs, RULES.window_ms, 2);
+                f.tried.clear();
+                assert!(s.event(&mut f, 2).delivered());
+                assert_eq!(f.tried[0], announced, "dead {dead}, event {t}");
+                assert_ne!(announced, dead);
+            }
+        }
+    }
+
+    #[test]
+    fn the_reported_case_starts_at_the_first_healthy_one() {
+        // rotation 10 over three, the second passed over: 10 % 3 would name
+        // subscriber 1, but the event goes to the (10 % 2)-th healthy one
+        let s = Socket::new(Policy::RoundRobin, 3);
+        s.subs[1].0.record(false, 1);
+        assert_eq!(rotation_start(10, &s.subs, RULES.window_ms, 2), 0);
+        assert_eq!(rotation_start(11, &s.subs, RULES.window_ms, 2), 2);
+        // with all of them passed over (or none) it is plain ticket % n
+        s.subs[0].0.record(false, 1);
+        s.subs[2].0.record(false, 1);
+        assert_eq!(rotation_start(10, &s.subs, RULES.window_ms, 2), 1);
     }
 
     #[test]

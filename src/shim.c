@@ -3,9 +3,9 @@
  *
  * Only what needs OpenSIPS's macros lives here: the version strings that
  * MODULE_VERSION would expand to (they must equal the core's, so this file
- * is compiled with the tree's own definitions), the modparam table,
- * mod_init/destroy, shm_malloc/shm_free and the LM_* log macros.  The
- * `exports` symbol itself is defined in Rust (src/ffi.rs): rustc only
+ * is compiled with the tree's own definitions), the LM_* log macros,
+ * shm_malloc/shm_free, update_stat and the locks of the core's events.
+ * The module's declaration is in Rust (src/module/exports.rs): rustc only
  * exports Rust-defined symbols from a cdylib.
  */
 #include <time.h>
@@ -20,10 +20,6 @@
 
 #include "event_virtual.h"
 
-#define EVV_PROTO "virtual"
-/* the transport id flag the C module registers with, kept for drop-in use */
-#define EVV_FLAG (1 << 24)
-
 const char evv_full_version[] = OPENSIPS_FULL_VERSION;
 const char evv_compile_flags[] = OPENSIPS_COMPILE_FLAGS;
 const char evv_scm_type[] = VERSIONTYPE;
@@ -33,68 +29,16 @@ _Static_assert(EVV_L_ERR == L_ERR && EVV_L_WARN == L_WARN &&
 	EVV_L_NOTICE == L_NOTICE && EVV_L_INFO == L_INFO && EVV_L_DBG == L_DBG,
 	"include/event_virtual.h log levels differ from dprint.h");
 
-static int failover_timeout = 30;
-
-const param_export_t evv_params[] = {
-	{"failover_timeout", INT_PARAM, &failover_timeout},
-	{0, 0, 0}
-};
-
-static stat_var *evv_stat_vars[EVV_ST_NUM];
-
-const stat_export_t evv_stats[] = {
-	{"events", 0, &evv_stat_vars[EVV_ST_EVENTS]},
-	{"events_delivered", 0, &evv_stat_vars[EVV_ST_DELIVERED]},
-	{"events_failed", 0, &evv_stat_vars[EVV_ST_FAILED]},
-	{"events_incomplete", 0, &evv_stat_vars[EVV_ST_INCOMPLETE]},
-	{"failovers", 0, &evv_stat_vars[EVV_ST_FAILOVERS]},
-	{0, 0, 0}
-};
-
-const mi_export_t evv_mi_cmds[] = {
-	{"event_virtual_list", "lists the virtual subscriptions, their "
-		"subscribers' health and counters", 0, 0, {
-		{evv_rs_mi_list, {0}},
-		{evv_rs_mi_list_event, {"event", 0}},
-		{EMPTY_MI_RECIPE}}
-	},
-	{EMPTY_MI_EXPORT}
-};
-
-static const evi_export_t evv_transport = {
-	{EVV_PROTO, sizeof(EVV_PROTO) - 1},
-	evv_rs_raise,
-	evv_rs_parse,
-	evv_rs_match,
-	evv_rs_free,
-	evv_rs_print,
-	EVV_FLAG
-};
-
 int evv_mod_init(void)
 {
 	LM_NOTICE("initializing module ...\n");
-
-	if (failover_timeout < 0) {
-		LM_ERR("failover_timeout must be 0 or more seconds, not %d\n",
-			failover_timeout);
-		return -1;
-	}
-
-	if (evv_rs_init((unsigned int)failover_timeout) != 0)
-		return -1;
-
-	if (register_event_mod(&evv_transport)) {
-		LM_ERR("cannot register the '" EVV_PROTO "' event transport\n");
-		return -1;
-	}
-	return 0;
+	return evv_rs_init();
 }
 
 void evv_destroy(void)
 {
 	/* every virtual socket belongs to a core subscription and is released
-	 * through evv_rs_free; nothing module-wide is left to free */
+	 * through the transport's free; nothing module-wide is left to free */
 	LM_NOTICE("destroying module ...\n");
 }
 
@@ -134,10 +78,10 @@ void evv_shm_free(void *p)
 	shm_free(p);
 }
 
-void evv_stat_add(int which, unsigned long n)
+void evv_stat_update(stat_var *var, long n)
 {
-	if (which >= 0 && which < EVV_ST_NUM && evv_stat_vars[which])
-		update_stat(evv_stat_vars[which], n);
+	if (var)
+		update_stat(var, n);
 }
 
 /* the core's events; no header declares them */
@@ -151,7 +95,8 @@ static int evv_expired(const evi_reply_sock *sock, long now)
 		sock->subscription_time + sock->expire < now;
 }
 
-int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg)
+int evv_walk_subscriptions(const str *filter, const evi_export_t *trans,
+	evv_visit_f visit, void *arg)
 {
 	evi_subs_p subs;
 	int i, found = 0;
@@ -168,7 +113,7 @@ int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg)
 		 * out of the list on 3.4 */
 		lock_get(events[i].lock);
 		for (subs = events[i].subscribers; subs; subs = subs->next)
-			if (subs->trans_mod == &evv_transport && subs->reply_sock &&
+			if (subs->trans_mod == trans && subs->reply_sock &&
 					!evv_expired(subs->reply_sock, now))
 				visit(arg, &events[i].name, subs->reply_sock);
 		lock_release(events[i].lock);

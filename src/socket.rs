@@ -6,6 +6,8 @@
 //! transports goes through the [`Transports`] trait, which the FFI layer
 //! implements over the core and the tests implement over a fake.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// How an event is handed to the subscribers of one virtual socket.

@@ -1,8 +1,9 @@
 //! The synchronous raise path allocates nothing: every policy's delivery,
 //! over subscribers that succeed and that fail, is run under an allocator
-//! that counts, and must not call it.  (The FFI layer adds only the calls
-//! into the transports around this; it formats text only to log a failure,
-//! a health change, or at DBG.)
+//! that counts, and must not call it.  (`src/module/raise.rs` adds only a
+//! reference on the socket, the statistics and the calls into the
+//! transports around this; its `log!` formats text only for a line that is
+//! printed: a lost event, a health change, or at DBG.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

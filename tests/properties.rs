@@ -1,5 +1,6 @@
 //! Property tests and edge inputs for the virtual socket text: parse, print
-//! and match (SPEC sections 2-4).  Pure Rust: no OpenSIPS is needed.
+//! and match, as the module guide `doc/event_virtual.md` section 2 ("Virtual
+//! socket syntax") specifies them.  Pure Rust: no OpenSIPS is needed.
 
 use event_virtual::socket::{
     MAX_SUBSCRIBERS, ParseError, Parsed, Policy, Transports, open_subscribers, parse, print_into,
@@ -77,7 +78,8 @@ fn check_any(input: &[u8]) {
     assert!(same_subscription(p.policy, &toks, again.policy, &toks));
 }
 
-/// The reference model of SPEC section 4.
+/// The reference model of matching: `doc/event_virtual.md` section 2, its
+/// last paragraph (same policy; same subscribers, in order or as a multiset).
 fn model_match(pa: Policy, a: &[&[u8]], pb: Policy, b: &[&[u8]]) -> bool {
     if pa != pb {
         return false;

@@ -1,0 +1,90 @@
+//! The module's declaration, in one place: its parameters, statistics, MI
+//! commands and transport, what `exports` tells the core, and mod_init.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::hooks::Virtual;
+use super::mi_list::{ListAll, ListEvent};
+use crate::opensips::evi::TransportExport;
+use crate::opensips::log::log;
+use crate::opensips::mi::{self, Recipe};
+use crate::opensips::module::{
+    Commands, Exports, IntParam, PARAMS_END, Params, STATS_END, Stat, Stats, Table,
+};
+use crate::policy::Rules;
+use crate::socket::VIRTUAL_PROTO;
+
+/// `failover_timeout` when the configuration does not set it, in seconds.
+pub const DEFAULT_FAILOVER_TIMEOUT_S: c_int = 30;
+
+static FAILOVER_TIMEOUT: IntParam = IntParam::new(DEFAULT_FAILOVER_TIMEOUT_S);
+
+static PARAMS: Params<2> = Table([FAILOVER_TIMEOUT.export(c"failover_timeout"), PARAMS_END]);
+
+pub static EVENTS: Stat = Stat::unregistered();
+pub static DELIVERED: Stat = Stat::unregistered();
+pub static FAILED: Stat = Stat::unregistered();
+pub static INCOMPLETE: Stat = Stat::unregistered();
+pub static FAILOVERS: Stat = Stat::unregistered();
+
+static STATS: Stats<6> = Table([
+    EVENTS.export(c"events"),
+    DELIVERED.export(c"events_delivered"),
+    FAILED.export(c"events_failed"),
+    INCOMPLETE.export(c"events_incomplete"),
+    FAILOVERS.export(c"failovers"),
+    STATS_END,
+]);
+
+static MI_COMMANDS: Commands<2> = Table([
+    mi::command(
+        c"event_virtual_list",
+        c"lists the virtual subscriptions, their subscribers' health and counters",
+        [
+            Recipe::new::<ListAll>(&[]),
+            Recipe::new::<ListEvent>(&[c"event"]),
+        ],
+    ),
+    mi::END,
+]);
+
+/// The transport id flag the C module registers with, kept for drop-in use.
+const TRANSPORT_FLAG: u32 = 1 << 24;
+
+pub static TRANSPORT: TransportExport =
+    TransportExport::new::<Virtual>(VIRTUAL_PROTO, TRANSPORT_FLAG);
+
+/// What `exports` (in `lib.rs`) holds.
+pub const EXPORTS: Exports = Exports::new(c"event_virtual", &PARAMS, &STATS, &MI_COMMANDS);
+
+/// `failover_timeout` in ms.  Set in mod_init, before OpenSIPS forks, and
+/// only read afterwards: every process has the same value.
+static WINDOW_MS: AtomicU64 = AtomicU64::new(0);
+
+pub fn rules() -> Rules {
+    Rules {
+        window_ms: WINDOW_MS.load(Ordering::Relaxed),
+    }
+}
+
+/// mod_init, after the shim's log line: 0 on success.
+pub fn init() -> c_int {
+    crate::opensips::log_panics();
+    let timeout = FAILOVER_TIMEOUT.get();
+    let Ok(seconds) = u64::try_from(timeout) else {
+        log!(
+            ERR,
+            "failover_timeout must be 0 or more seconds, not {timeout}"
+        );
+        return -1;
+    };
+    WINDOW_MS.store(seconds * 1000, Ordering::Relaxed);
+    if !TRANSPORT.register() {
+        log!(ERR, "cannot register the 'virtual' event transport");
+        return -1;
+    }
+    0
+}

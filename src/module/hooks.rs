@@ -1,0 +1,57 @@
+//! The five hooks of the `virtual` transport, as the core calls them
+//! (through the trampolines of `crate::opensips::transport`).
+
+#![forbid(unsafe_code)]
+
+use std::ptr::null_mut;
+
+use super::raise;
+use super::vsock::SockRef;
+use crate::opensips::event::Event;
+use crate::opensips::evi::{CoreSock, Hooks};
+use crate::opensips::evi_reply_sock;
+use crate::opensips::log::log;
+use crate::opensips::str::{self, str_};
+use crate::socket;
+
+pub struct Virtual;
+
+impl Hooks for Virtual {
+    fn parse(address: &[u8]) -> *mut evi_reply_sock {
+        match SockRef::open(address) {
+            Ok(sock) => sock.into_core(),
+            Err(e) => {
+                let input = socket::quote(address);
+                log!(ERR, "refusing virtual socket '{input}': {e}");
+                null_mut()
+            }
+        }
+    }
+
+    fn print(sock: CoreSock<'_>) -> str_ {
+        // the text lives as long as the core's reference
+        SockRef::of(sock).map_or(str::EMPTY, |v| v.address())
+    }
+
+    fn matches(a: CoreSock<'_>, b: CoreSock<'_>) -> bool {
+        let (Some(a), Some(b)) = (SockRef::of(a), SockRef::of(b)) else {
+            return false;
+        };
+        socket::same_subscription(a.policy, &a.tokens(), b.policy, &b.tokens())
+    }
+
+    fn free(sock: CoreSock<'_>) {
+        // the subscription's reference: the block goes with the last one
+        drop(SockRef::take(sock))
+    }
+
+    fn raise(event: Event<'_>, sock: CoreSock<'_>) -> bool {
+        match SockRef::of(sock) {
+            Some(sock) => raise::raise(event, sock),
+            None => {
+                log!(ERR, "raise on a socket that is not virtual");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Events as the core raises them, and copies of them in shared memory
+//! that a later report, in any process, raises again.
+
+use std::marker::PhantomData;
+use std::ptr::null_mut;
+
+use super::shm::{ShmRc, Tail};
+use super::str::{self, str_};
+use super::sys::{self, evi_params_t, sip_msg};
+
+/// The SIP message an event is raised with: the core's, for the call that
+/// gave it, or a dummy one.
+#[derive(Clone, Copy)]
+pub struct Msg(*mut sip_msg);
+
+impl Msg {
+    /// No message, for a report that raises nothing.
+    pub fn none() -> Msg {
+        Msg(null_mut())
+    }
+}
+
+/// The core's dummy SIP message, for raises that no SIP message is
+/// processed for (an asynchronous report); given back on drop.
+pub struct DummyMsg(*mut sip_msg);
+
+impl DummyMsg {
+    pub fn new() -> DummyMsg {
+        // SAFETY: no preconditions; null when out of memory, which
+        // transports take as no message.
+        DummyMsg(unsafe { sys::get_dummy_sip_msg() })
+    }
+
+    pub fn msg(&self) -> Msg {
+        Msg(self.0)
+    }
+}
+
+impl Drop for DummyMsg {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: ours, from get_dummy_sip_msg, given back once.
+            unsafe { sys::release_dummy_sip_msg(self.0) }
+        }
+    }
+}
+
+/// One event as a transport's raise takes it, valid for `'a`.
+#[derive(Clone, Copy)]
+pub struct Event<'a> {
+    msg: *mut sip_msg,
+    name: *mut str_,
+    params: *mut evi_params_t,
+    life: PhantomData<&'a ()>,
+}
+
+impl<'a> Event<'a> {
+    /// # Safety
+    /// The core's raise arguments, each null or valid for `'a`.
+    pub unsafe fn from_core(msg: *mut sip_msg, name: *mut str_, params: *mut evi_params_t) -> Self {
+        Event {
+            msg,
+            name,
+            params,
+            life: PhantomData,
+        }
+    }
+
+    /// The event kept in `copy`, raised with `msg`.
+    pub fn from_copy(msg: Msg, copy: &'a EventCopy) -> Self {
+        let head: &Copied = &copy.0;
+        Event {
+            msg: msg.0,
+            // the core's raise takes a mutable pointer, but no transport
+            // writes through it
+            name: (&raw const head.name).cast_mut(),
+            params: head.params,
+            life: PhantomData,
+        }
+    }
+
+    pub fn msg(&self) -> Msg {
+        Msg(self.msg)
+    }
+
+    pub fn name(&self) -> &'a [u8] {
+        // SAFETY: both constructors give a name that is null or valid for 'a.
+        unsafe { self.name.as_ref().map(|n| str::bytes(n)) }.unwrap_or_default()
+    }
+
+    pub(super) fn parts(&self) -> (*mut sip_msg, *mut str_, *mut evi_params_t) {
+        (self.msg, self.name, self.params)
+    }
+}
+
+/// The name and parameters of an event, copied into shared memory.
+#[derive(Clone)]
+pub struct EventCopy(ShmRc<Copied>);
+
+struct Copied {
+    /// Points at the name's bytes, the block's payload.
+    name: str_,
+    params: *mut evi_params_t,
+}
+
+impl Tail for Copied {}
+
+impl Drop for Copied {
+    fn drop(&mut self) {
+        if !self.params.is_null() {
+            // SAFETY: our copy, from evi_dup_shm_params, freed once.
+            unsafe { sys::evi_free_shm_params(self.params) }
+        }
+    }
+}
+
+impl EventCopy {
+    /// None when out of shared memory.
+    pub fn new(event: &Event<'_>) -> Option<EventCopy> {
+        let name = event.name();
+        let params = if event.params.is_null() {
+            null_mut()
+        } else {
+            // SAFETY: the event's parameters are valid for its life.
+            let dup = unsafe { sys::evi_dup_shm_params(event.params) };
+            if dup.is_null() {
+                return None;
+            }
+            dup
+        };
+        let head = Copied {
+            name: str::EMPTY,
+            params,
+        };
+        let mut copy = ShmRc::new(head, name.len(), |t| t.copy_from_slice(name))?;
+        let (head, tail) = copy.get_mut()?;
+        head.name = str::of(tail)?;
+        Some(EventCopy(copy))
+    }
+}
