@@ -51,7 +51,8 @@ void evv_shm_free(void *p);
 /* update_stat on a registered statistic; var may be NULL (not registered) */
 void evv_stat_update(stat_var *var, long n);
 
-/* Calls visit once for every live subscription through transport trans, of
+/* Calls visit once for every live subscription (expired ones are skipped,
+ * not removed) through transport trans, of
  * every event or of the one named by filter, while that event's subscriber
  * list is locked: visit must only copy what it needs.  Returns -1 when
  * filter names no event, 0 otherwise. */
