@@ -9,6 +9,7 @@
 pub mod boundary;
 pub mod policy;
 pub mod socket;
+pub mod spool;
 
 // the unit tests never need OpenSIPS, so they do not link the boundary
 #[cfg(all(opensips, not(test)))]
