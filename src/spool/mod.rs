@@ -33,6 +33,7 @@ pub mod config;
 pub mod episode;
 pub mod lock;
 pub mod queue;
+pub mod replay;
 pub mod wake;
 
 #[cfg(test)]
@@ -43,6 +44,7 @@ pub use config::{Limits, ModParams, SpoolOption};
 pub use episode::{Episodes, Report};
 pub use lock::{RawLock, SpinLock};
 pub use queue::{Begin, Close, Enter, Entry, Finish, Handle, Lease, Meta, Nodes, Push, Queue, Run};
+pub use replay::{Attempted, Replayer, Tally};
 pub use wake::{Doorbell, Due};
 
 use crate::socket::Policy;

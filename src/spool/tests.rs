@@ -19,6 +19,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::policy::{Health, State};
+use crate::spool::episode;
 use crate::spool::queue::View;
 use crate::spool::wake::{due_at, eligible_at, next_wake};
 
@@ -839,4 +840,383 @@ fn producers_and_a_replayer_agree_under_the_spinlock() {
             "producer {p} out of order"
         );
     }
+}
+
+// ---- the replay process's rounds -------------------------------------------
+
+use crate::policy::{self, Attempt, Driver, Progress, Rules, Transition, Walk};
+use crate::socket::Policy;
+use crate::spool::replay::{Attempted, Replayer, round};
+
+/// Subscribers that are up or down; a delivery records which event reached
+/// which subscriber.
+struct Receivers {
+    up: Vec<bool>,
+    got: Vec<Vec<u64>>,
+    /// Every delivery, in the order made.
+    log: Vec<u64>,
+    /// The event being offered.
+    current: u64,
+}
+
+impl Driver for Receivers {
+    fn attempt(&mut self, i: usize, _: &Walk) -> Attempt {
+        if self.up[i] {
+            self.got[i].push(self.current);
+            self.log.push(self.current);
+            Attempt::Taken
+        } else {
+            Attempt::Failed
+        }
+    }
+    fn transition(&mut self, _: usize, _: Transition) {}
+}
+
+/// A subscriber's health, as the policies take it.
+struct Sub(Health);
+
+impl AsRef<Health> for Sub {
+    fn as_ref(&self) -> &Health {
+        &self.0
+    }
+}
+
+/// The FFI layer's side of one virtual socket, faked: its subscribers'
+/// health and transports, and the held events' blocks.
+struct Side {
+    policy: Policy,
+    heap: Heap,
+    health: Vec<Sub>,
+    rotation: AtomicU64,
+    rx: Receivers,
+    window_ms: u64,
+    now: u64,
+    /// The event each held block is a copy of.
+    ids: HashMap<Handle, u64>,
+    /// Asynchronous transports: attempts wait here for their report.
+    asynchronous: bool,
+    pending: Vec<(usize, Lease, bool)>,
+    drained: u32,
+    episodes: Vec<Report>,
+}
+
+/// One virtual socket with its queues, and the raise path and the replay
+/// process around them, in simulated time.
+struct Socket {
+    queues: Vec<Queue<SpinLock>>,
+    budget: Budget,
+    s: Side,
+    next_id: u64,
+}
+
+impl Socket {
+    fn new(policy: Policy, n: usize, capacity: u32, window_ms: u64) -> Socket {
+        Socket {
+            queues: (0..queue_count(policy, n))
+                .map(|_| Queue::new(limits(capacity, 0)))
+                .collect(),
+            budget: Budget::new(1 << 30),
+            next_id: 0,
+            s: Side {
+                policy,
+                heap: Heap::default(),
+                health: (0..n).map(|_| Sub(Health::default())).collect(),
+                rotation: AtomicU64::new(0),
+                rx: Receivers {
+                    up: vec![true; n],
+                    got: vec![vec![]; n],
+                    log: vec![],
+                    current: 0,
+                },
+                window_ms,
+                now: 1,
+                ids: HashMap::new(),
+                asynchronous: false,
+                pending: vec![],
+                drained: 0,
+                episodes: vec![],
+            },
+        }
+    }
+
+    /// Copy event `id` into queue `q`.
+    fn hold(&mut self, q: usize, id: u64, enter: Enter) -> Entry {
+        let s = &mut self.s;
+        let h = s.heap.alloc(1, s.now);
+        let p = self.queues[q].push(h, enter, &s.heap, &self.budget, s.now);
+        p.evicted.drain(&s.heap, |x| s.heap.free(x));
+        if matches!(p.entry, Entry::Queued { .. }) {
+            s.ids.insert(h, id);
+        } else {
+            s.heap.free(h);
+        }
+        p.entry
+    }
+
+    /// The raise path for one synchronous event, as the FFI layer will do
+    /// it: a queue that holds events takes the event behind them; an
+    /// empty one costs one load, and a copy only if every subscriber (the
+    /// PARALLEL queue's one) failed.
+    fn raise(&mut self) {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.s.rx.current = id;
+        if self.s.policy == Policy::Parallel {
+            for i in 0..self.s.health.len() {
+                if self.queues[i].held() > 0 && self.hold(i, id, Enter::Behind) != Entry::Empty {
+                    continue;
+                }
+                let s = &mut self.s;
+                let ok = s.rx.up[i];
+                if ok {
+                    s.rx.got[i].push(id);
+                }
+                policy::record(&s.health, i, ok, s.now, &mut s.rx);
+                if !ok {
+                    let _ = self.hold(i, id, Enter::Failed);
+                }
+            }
+            return;
+        }
+        if self.queues[0].held() > 0 && self.hold(0, id, Enter::Behind) != Entry::Empty {
+            return;
+        }
+        let s = &mut self.s;
+        let rules = Rules {
+            window_ms: s.window_ms,
+        };
+        let p = policy::deliver(s.policy, &s.rotation, &s.health, rules, s.now, &mut s.rx);
+        if matches!(p, Progress::Done(o) if !o.delivered()) {
+            let _ = self.hold(0, id, Enter::Failed);
+        }
+    }
+
+    /// Run the replay process until `until`, as its loop will: a round,
+    /// then sleep until the time it asks for.  Returns how many rounds
+    /// attempted something.
+    fn replay(&mut self, until: u64) -> u64 {
+        let mut busy = 0;
+        while self.s.now < until {
+            let now = self.s.now;
+            // reports of asynchronous attempts come between rounds
+            for (q, l, ok) in std::mem::take(&mut self.s.pending) {
+                match self.queues[q].finish(l.token, ok, &self.s.heap, &self.budget, now) {
+                    Finish::Delivered { free, drained } => {
+                        self.s.heap.free(free);
+                        self.s.drained += u32::from(drained);
+                    }
+                    Finish::Retry { .. } => {}
+                    f => panic!("{f:?}"),
+                }
+            }
+            let refs: Vec<&Queue<SpinLock>> = self.queues.iter().collect();
+            let t = round(&refs, &self.budget, &mut self.s, now, 16);
+            busy += u64::from(t.attempts > 0);
+            if !self.s.pending.is_empty() {
+                self.s.now += 10; // a report takes 10 ms
+                continue;
+            }
+            let next = t.next_ms.unwrap_or(now + 1000);
+            assert!(
+                next > now || t.attempts > 0,
+                "an idle round asks to run again at once ({now})"
+            );
+            self.s.now = next.max(now + u64::from(t.attempts == 0));
+        }
+        busy
+    }
+
+    fn held(&self) -> u32 {
+        self.queues.iter().map(|q| q.held()).sum()
+    }
+}
+
+impl Side {
+    fn take(&mut self, q: usize, id: u64) -> bool {
+        let ok = self.rx.up[q];
+        if ok {
+            self.rx.got[q].push(id);
+        }
+        ok
+    }
+}
+
+impl Replayer for Side {
+    type Nodes = Heap;
+    fn nodes(&self) -> &Heap {
+        &self.heap
+    }
+    fn attempt(&mut self, q: usize, lease: &Lease) -> Attempted {
+        let id = self.ids[&lease.handle];
+        self.rx.current = id;
+        if self.asynchronous {
+            // the transport's report comes later, with the outcome
+            let ok = self.take(q, id);
+            self.pending.push((q, *lease, ok));
+            return Attempted::Pending;
+        }
+        let ok = if self.policy == Policy::Parallel {
+            let ok = self.take(q, id);
+            policy::record(&self.health, q, ok, self.now, &mut self.rx);
+            ok
+        } else {
+            let rules = Rules {
+                window_ms: self.window_ms,
+            };
+            let p = policy::deliver(
+                self.policy,
+                &self.rotation,
+                &self.health,
+                rules,
+                self.now,
+                &mut self.rx,
+            );
+            matches!(p, Progress::Done(o) if o.delivered())
+        };
+        if ok {
+            Attempted::Delivered
+        } else {
+            Attempted::Failed
+        }
+    }
+    fn free(&mut self, h: Handle) {
+        self.ids.remove(&h);
+        self.heap.free(h);
+    }
+    fn eligible_at(&self, q: usize, now_ms: u64) -> u64 {
+        let state = |i: usize| self.health[i].0.state(now_ms, self.window_ms);
+        if self.policy == Policy::Parallel {
+            eligible_at(now_ms, [state(q)])
+        } else {
+            eligible_at(now_ms, (0..self.health.len()).map(state))
+        }
+    }
+    fn episode(&mut self, _: usize, report: Report) {
+        self.episodes.push(report);
+    }
+    fn drained(&mut self, _: usize) {
+        self.drained += 1;
+    }
+}
+
+fn ids(range: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    range.collect()
+}
+
+#[test]
+fn failover_both_down_200_events_then_one_back_gets_all_in_order_once() {
+    let mut k = Socket::new(Policy::Failover, 2, 1000, 5000);
+    k.s.rx.up = vec![false, false];
+    for _ in 0..200 {
+        k.raise();
+        k.s.now += 10;
+    }
+    assert_eq!(k.held(), 200);
+    // a minute of outage: one round per failover window, no more
+    let busy = k.replay(62_000);
+    assert!(
+        busy <= 62_000 / 5000 + 1,
+        "{busy} busy rounds while all down"
+    );
+    assert!(k.s.rx.got.iter().all(Vec::is_empty));
+    // the second comes back
+    k.s.rx.up[1] = true;
+    k.replay(k.s.now + 6000);
+    assert_eq!(k.held(), 0);
+    assert_eq!(k.s.rx.got[1], ids(1..=200));
+    assert_eq!(k.s.drained, 1);
+    // live events after go straight through
+    for _ in 0..5 {
+        k.raise();
+    }
+    assert_eq!(k.s.rx.got[1], ids(1..=205));
+    let v = k.queues[0].view(&k.s.heap, k.s.now);
+    assert_eq!((v.spooled, v.replayed, v.dropped_total()), (200, 200, 0));
+    assert_eq!(k.s.heap.live(), 0);
+}
+
+#[test]
+fn events_raised_while_draining_go_behind() {
+    let mut k = Socket::new(Policy::RoundRobin, 3, 1000, 1000);
+    k.s.rx.up = vec![false; 3];
+    for _ in 0..50 {
+        k.raise();
+    }
+    k.s.rx.up = vec![true; 3];
+    // live events between replay rounds: behind the held ones
+    let mut until = k.s.now;
+    for _ in 0..50 {
+        k.raise();
+        until += 100;
+        k.replay(until);
+    }
+    k.replay(until + 5000);
+    // exactly once each, and in the order raised: the live events raised
+    // while the queue held some went behind them, not past them
+    assert_eq!(k.s.rx.log, ids(1..=100));
+    let v = k.queues[0].view(&k.s.heap, k.s.now);
+    assert_eq!((v.replayed, v.dropped_total()), (v.spooled, 0));
+    assert!(v.spooled > 50, "some live events went behind: {v:?}");
+    // the rotation still deals them out evenly
+    for got in &k.s.rx.got {
+        assert!(got.len().abs_diff(100 / 3) <= 1, "{got:?}");
+    }
+}
+
+#[test]
+fn parallel_one_of_three_down_for_100_events_gets_every_one_it_missed() {
+    let mut k = Socket::new(Policy::Parallel, 3, 1000, 2000);
+    k.s.rx.up[1] = false;
+    for _ in 0..100 {
+        k.raise();
+        k.s.now += 5;
+    }
+    k.replay(k.s.now + 10_000);
+    assert_eq!(k.queues[1].held(), 100);
+    k.s.rx.up[1] = true;
+    k.replay(k.s.now + 3000);
+    for _ in 0..10 {
+        k.raise();
+    }
+    for got in &k.s.rx.got {
+        assert_eq!(*got, ids(1..=110));
+    }
+    assert_eq!(k.s.heap.live(), 0);
+}
+
+#[test]
+fn overflow_keeps_the_newest_n() {
+    let n = 20;
+    let mut k = Socket::new(Policy::Failover, 2, n, 1000);
+    k.s.rx.up = vec![false, false];
+    for _ in 0..3 * n {
+        k.raise();
+    }
+    k.s.rx.up[0] = true;
+    k.replay(k.s.now + 2000);
+    assert_eq!(k.s.rx.got[0], ids(u64::from(2 * n + 1)..=u64::from(3 * n)));
+    let v = k.queues[0].view(&k.s.heap, k.s.now);
+    assert_eq!(v.dropped[Reason::Overflow as usize], u64::from(2 * n));
+    // logged once, with the count
+    k.replay(k.s.now + episode::QUIET_MS + 2000);
+    assert_eq!(k.s.episodes.len(), 1);
+    assert_eq!(k.s.episodes[0].total(), u64::from(2 * n));
+}
+
+#[test]
+fn asynchronous_replay_keeps_one_in_flight_and_the_order() {
+    let mut k = Socket::new(Policy::Failover, 1, 100, 1000);
+    k.s.rx.up = vec![false];
+    for _ in 0..30 {
+        k.raise();
+    }
+    k.s.asynchronous = true;
+    k.replay(k.s.now + 5000);
+    assert!(k.s.rx.got[0].is_empty());
+    assert_eq!(k.held(), 30);
+    k.s.rx.up = vec![true];
+    // every round leases one, its report settles it: 30 rounds at least
+    k.replay(k.s.now + 3000);
+    assert_eq!(k.s.rx.got[0], ids(1..=30));
+    assert_eq!(k.held(), 0);
 }
