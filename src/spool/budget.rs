@@ -9,6 +9,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// What the shm allocator spends per block beyond what was asked: its
+/// fragment header and rounding (a little more than q_malloc's and
+/// f_malloc's headers on 64-bit builds).  Charged so that many small held
+/// events cannot take much more than the budget says.
+pub const SHM_BLOCK_OVERHEAD: u64 = 48;
+
+/// What a held event is charged: the sizes of the shm blocks it holds
+/// (its node, with the event name; the `evi_dup_shm_params` copy, whose
+/// size is `sizeof(evi_params_t) + n * sizeof(evi_param_t)` plus every
+/// parameter's name and string value), each with the allocator's overhead.
+pub fn held_event_bytes(blocks: &[usize]) -> u64 {
+    blocks
+        .iter()
+        .map(|&b| (b as u64).saturating_add(SHM_BLOCK_OVERHEAD))
+        .fold(0, u64::saturating_add)
+}
+
 #[derive(Debug)]
 #[repr(C)]
 pub struct Budget {
@@ -82,6 +99,13 @@ mod tests {
         b.release(60);
         assert_eq!(b.used(), 40);
         assert!(!b.try_charge(u64::MAX)); // no overflow
+    }
+
+    #[test]
+    fn charges_each_block_with_its_overhead() {
+        assert_eq!(held_event_bytes(&[100, 20]), 120 + 2 * SHM_BLOCK_OVERHEAD);
+        assert_eq!(held_event_bytes(&[]), 0);
+        assert_eq!(held_event_bytes(&[usize::MAX, usize::MAX]), u64::MAX);
     }
 
     #[test]

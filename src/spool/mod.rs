@@ -39,7 +39,7 @@ pub mod wake;
 #[cfg(test)]
 mod tests;
 
-pub use budget::Budget;
+pub use budget::{Budget, held_event_bytes};
 pub use config::{Limits, ModParams, SpoolOption};
 pub use episode::{Episodes, Report};
 pub use lock::{RawLock, SpinLock};
