@@ -395,6 +395,40 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn prints_what_it_parses(size in 0..=MAX_SPOOL_SIZE, age in proptest::option::of(proptest::num::u32::ANY)) {
+            let o = SpoolOption { size, max_age_s: age };
+            let text = o.to_string();
+            proptest::prop_assert!(is_option(text.as_bytes()));
+            proptest::prop_assert_eq!(parse_option(text.as_bytes()), Ok(o));
+        }
+
+        #[test]
+        fn any_token_is_refused_safely_or_left_to_the_subscriber_parser(
+            tok in proptest::collection::vec(proptest::num::u8::ANY, 0..24)
+        ) {
+            // no panic; an option-shaped token that is refused is quoted
+            // safely for a log line; a token with a ':' is never an option
+            if is_option(&tok) {
+                proptest::prop_assert!(!tok.contains(&b':'));
+                if let Err(e) = parse_option(&tok) {
+                    let text = e.to_string();
+                    proptest::prop_assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                }
+            }
+        }
+
+        #[test]
+        fn option_shaped_text_round_trips(name in "[A-Z]{1,6}", args in "[0-9,]{0,12}") {
+            let tok = format!("{name}({args})");
+            proptest::prop_assert!(is_option(tok.as_bytes()));
+            if let Ok(o) = parse_option(tok.as_bytes()) {
+                proptest::prop_assert_eq!(parse_option(o.to_string().as_bytes()), Ok(o));
+            }
+        }
+    }
+
     #[test]
     fn checks_the_modparams() {
         let shm = 256 << 20;

@@ -20,6 +20,9 @@ use super::lock::RawLock;
 use super::queue::{Finish, Handle, Lease, Nodes, Queue};
 use super::wake::{due_at, next_wake};
 
+/// Events one queue replays per round before the others get their turn.
+pub const BATCH: u32 = 64;
+
 /// How one replayed attempt went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attempted {

@@ -545,7 +545,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..400u64).prop_map(|ms| Op::Advance { ms }),
         1 => q.clone().prop_map(|q| Op::Expire { q }),
         1 => (q.clone(), any::<bool>()).prop_map(|(q, all)| Op::Retry { q, all }),
-        1 => prop::bool::weighted(0.2).prop_flat_map(move |_| (0..3usize).prop_map(|q| Op::Close { q })),
+        1 => q.prop_map(|q| Op::Close { q }),
     ]
 }
 

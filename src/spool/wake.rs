@@ -60,6 +60,9 @@ pub fn next_wake(dues: impl IntoIterator<Item = Option<u64>>) -> Option<u64> {
     dues.into_iter().flatten().min()
 }
 
+/// The longest the replay process sleeps without looking, ms.
+pub const IDLE_MS: u64 = 1000;
+
 /// How long the replay process sleeps before it looks again: until the
 /// next queue is due, but no longer than `idle_ms`, a safety net against a
 /// doorbell missed (and the pace of the episode log and the age sweep).
