@@ -79,6 +79,11 @@ impl Episodes {
         self.last_ms.fetch_max(now, Relaxed);
     }
 
+    /// Drops recorded and not yet reported.
+    pub fn is_open(&self) -> bool {
+        self.first_ms.load(Relaxed) != 0 || self.last_ms.load(Relaxed) != 0
+    }
+
     /// The replay process's poll: the episode to log now, if it ended
     /// (quiet for `quiet_ms`) or has run `max_ms` since it was last
     /// reported.
@@ -140,6 +145,7 @@ mod tests {
             e.record(Reason::Overflow, 1, 10_000 + t);
         }
         e.record(Reason::Age, 3, 10_999);
+        assert!(e.is_open());
         // still dropping: nothing yet
         assert_eq!(e.poll(11_000, QUIET_MS, MAX_MS), None);
         assert_eq!(e.poll(15_998, QUIET_MS, MAX_MS), None);
@@ -151,6 +157,7 @@ mod tests {
             "dropped 1003 held events (1000 queue full, 3 too old) in 0.9 s"
         );
         // and only once
+        assert!(!e.is_open());
         assert_eq!(e.poll(20_000, QUIET_MS, MAX_MS), None);
         assert_eq!(e.take(20_000), None);
     }

@@ -351,8 +351,8 @@ impl<L: RawLock> Queue<L> {
                 self.bytes.fetch_add(meta.bytes, Relaxed);
                 budget.held_add(1);
                 if first {
-                    // every subscriber has just failed (or the queue had
-                    // emptied under a live event): not before retry_ms
+                    // a new outage: every subscriber has just failed this
+                    // event, so its first replay waits at least retry_ms
                     self.retry_at
                         .store(now_ms.saturating_add(self.retry_ms), Relaxed);
                 }

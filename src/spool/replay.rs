@@ -62,6 +62,9 @@ pub struct Tally {
     pub dropped: u64,
     /// When the round should run again, if any queue holds events.
     pub next_ms: Option<u64>,
+    /// Some queue has drops not yet logged: keep polling (every
+    /// [`super::wake::IDLE_MS`]) even when nothing is held any more.
+    pub episodes_open: bool,
 }
 
 /// Run one round over `queues` at `now_ms`.
@@ -116,6 +119,7 @@ pub fn round<L: RawLock, R: Replayer>(
         {
             r.episode(q, report);
         }
+        t.episodes_open |= queue.episodes().is_open();
     }
     let next = next_wake(
         queues

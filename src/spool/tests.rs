@@ -1197,9 +1197,12 @@ fn overflow_keeps_the_newest_n() {
     assert_eq!(k.s.rx.got[0], ids(u64::from(2 * n + 1)..=u64::from(3 * n)));
     let v = k.queues[0].view(&k.s.heap, k.s.now);
     assert_eq!(v.dropped[Reason::Overflow as usize], u64::from(2 * n));
-    // logged once, with the count
+    // logged once, with the count, once the drops have stopped
     k.replay(k.s.now + episode::QUIET_MS + 2000);
     assert_eq!(k.s.episodes.len(), 1);
+    let refs: Vec<&Queue<SpinLock>> = k.queues.iter().collect();
+    let t = round(&refs, &k.budget, &mut k.s, 1 << 40, 16);
+    assert!(!t.episodes_open && t.next_ms.is_none());
     assert_eq!(k.s.episodes[0].total(), u64::from(2 * n));
 }
 
@@ -1219,4 +1222,15 @@ fn asynchronous_replay_keeps_one_in_flight_and_the_order() {
     k.replay(k.s.now + 3000);
     assert_eq!(k.s.rx.got[0], ids(1..=30));
     assert_eq!(k.held(), 0);
+}
+
+#[test]
+fn sizes_in_shared_memory() {
+    // what a spool adds to a virtual socket's block, per queue, and to the
+    // module's block; kept small since PARALLEL has one queue per subscriber
+    let q = std::mem::size_of::<Queue>();
+    assert!(q <= 256, "a queue is {q} bytes");
+    assert_eq!(std::mem::align_of::<Queue>(), 8);
+    assert!(std::mem::size_of::<Budget>() + std::mem::size_of::<Doorbell>() <= 64);
+    println!("Queue: {q} bytes");
 }
