@@ -40,10 +40,12 @@ pub mod wake;
 mod tests;
 
 pub use budget::{Budget, held_event_bytes};
-pub use config::{Limits, ModParams, SpoolOption};
+pub use config::{Config, Limits, ModParams, OptionError, SpoolOption};
 pub use episode::{Episodes, Report};
 pub use lock::{RawLock, SpinLock};
-pub use queue::{Begin, Close, Enter, Entry, Finish, Handle, Lease, Meta, Nodes, Push, Queue, Run};
+pub use queue::{
+    Begin, Close, Enter, Entry, Finish, Handle, Lease, Meta, Nodes, Push, Queue, Run, View,
+};
 pub use replay::{Attempted, Replayer, Tally};
 pub use wake::{Doorbell, Due};
 
