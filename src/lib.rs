@@ -2,7 +2,8 @@
 //!
 //! One virtual subscriber (`virtual:POLICY SUB1 SUB2 ...`) fans each event
 //! out to several real subscribers of other event transports, by one of
-//! three policies.  [`socket`] and [`policy`] are safe Rust and run under
+//! three policies.  [`socket`], [`policy`] and [`spool`] (the events every
+//! subscriber failed, held and replayed) are safe Rust and run under
 //! `cargo test` without OpenSIPS.  Built against an OpenSIPS tree, `opensips`
 //! wraps the core in safe types (it and the virtual socket's layout hold
 //! every `unsafe` line), and `module` is the transport built on them; see
@@ -11,6 +12,7 @@
 pub mod boundary;
 pub mod policy;
 pub mod socket;
+pub mod spool;
 
 // the unit tests never need OpenSIPS, so they do not link the boundary
 #[cfg(all(opensips, not(test)))]
