@@ -16,6 +16,7 @@
 #include "sr_module.h"
 #include "statistics.h"
 #include "evi/evi_transport.h"
+#include "evi/evi_params.h"
 
 /* ---- defined in C (src/shim.c), used by Rust ---- */
 
@@ -61,9 +62,23 @@ typedef void (*evv_visit_f)(void *arg, const str *event,
 int evv_walk_subscriptions(const str *filter, const evi_export_t *trans,
 	evv_visit_f visit, void *arg);
 
+/* the spool (issue 10): its modparams, the size of shared memory, the
+ * size of evi_dup_shm_params' copy, the replay process's export */
+extern int evv_spool_size;
+extern int evv_spool_max_age;
+extern int evv_spool_retry_interval;
+extern char *evv_spool_max_memory;
+unsigned long evv_shm_total(void);
+size_t evv_params_size(const evi_params_t *params);
+extern const proc_export_t evv_procs[];
+
 /* ---- defined in Rust (src/lib.rs), used by C ---- */
 
 /* the module's initialisation, after the modparams are set; 0 on success */
 int evv_rs_init(void);
+/* destroy's Rust half: the held events' count */
+void evv_rs_destroy(void);
+/* the spool's replay process; never returns */
+void evv_rs_spool_proc(void);
 
 #endif

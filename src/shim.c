@@ -17,6 +17,8 @@
 #include "locking.h"
 #include "evi/evi_transport.h"
 #include "evi/event_interface.h"
+#include "evi/evi_params.h"
+#include "globals.h"
 
 #include "event_virtual.h"
 
@@ -38,9 +40,49 @@ int evv_mod_init(void)
 void evv_destroy(void)
 {
 	/* every virtual socket belongs to a core subscription and is released
-	 * through the transport's free; nothing module-wide is left to free */
+	 * through the transport's free; the spool says what it still held */
 	LM_NOTICE("destroying module ...\n");
+	evv_rs_destroy();
 }
+
+/* the spool's modparams (issue 10); spool_retry_interval -1: not set */
+int evv_spool_size = 0;
+int evv_spool_max_age = 0;
+int evv_spool_retry_interval = -1;
+char *evv_spool_max_memory = NULL;
+
+unsigned long evv_shm_total(void)
+{
+	return shm_mem_size;
+}
+
+/* what evi_dup_shm_params allocates for these parameters */
+size_t evv_params_size(const evi_params_t *params)
+{
+	const evi_param_t *p;
+	size_t size = sizeof(evi_params_t);
+
+	if (!params)
+		return 0;
+	for (p = params->first; p; p = p->next) {
+		size += sizeof(evi_param_t) + p->name.len;
+		if (p->flags & EVI_STR_VAL)
+			size += p->val.s.len;
+	}
+	return size;
+}
+
+static void evv_spool_proc(int rank)
+{
+	evv_rs_spool_proc();
+}
+
+/* the spool's replay process: PROC_FLAG_INITCHILD, since transports open
+ * their sockets in child_init */
+const proc_export_t evv_procs[] = {
+	{"event_virtual spool", 0, 0, evv_spool_proc, 1, PROC_FLAG_INITCHILD},
+	{0, 0, 0, 0, 0, 0}
+};
 
 void evv_log(int level, const char *msg, int len)
 {

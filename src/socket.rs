@@ -58,6 +58,8 @@ pub struct SubToken<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed<'a> {
     pub policy: Policy,
+    /// The `SPOOL(...)` option after the policy, if given (issue 10).
+    pub spool: Option<crate::spool::SpoolOption>,
     pub subs: Vec<SubToken<'a>>,
 }
 
@@ -72,9 +74,17 @@ pub enum ParseError {
     MissingProto(String),
     MissingAddress(String),
     Nested(String),
-    UnknownTransport { proto: String, token: String },
-    Refused { proto: String, token: String },
+    UnknownTransport {
+        proto: String,
+        token: String,
+    },
+    Refused {
+        proto: String,
+        token: String,
+    },
     NoMemory,
+    /// A malformed option token (`SPOOL(...)`).
+    Option(crate::spool::OptionError),
 }
 
 impl fmt::Display for ParseError {
@@ -103,6 +113,7 @@ impl fmt::Display for ParseError {
                 write!(f, "transport '{proto}' refused subscriber '{token}'")
             }
             ParseError::NoMemory => write!(f, "out of shared memory"),
+            ParseError::Option(e) => write!(f, "{e}"),
         }
     }
 }
@@ -130,22 +141,30 @@ fn tokens(input: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// each transport exists and accepts its address is [`open_subscribers`]'s
 /// job.
 pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
-    let mut toks = tokens(input);
+    let mut toks = tokens(input).peekable();
     let first = toks.next().ok_or(ParseError::Empty)?;
     let policy =
         Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?;
+    let spool = crate::spool::config::take_options(&mut toks).map_err(ParseError::Option)?;
+    let options = usize::from(spool.is_some());
     let mut subs = Vec::new();
     for token in toks {
         if subs.len() == MAX_SUBSCRIBERS {
-            // all tokens but the policy
-            return Err(ParseError::TooManySubscribers(tokens(input).count() - 1));
+            // all tokens but the policy and the option
+            return Err(ParseError::TooManySubscribers(
+                tokens(input).count() - 1 - options,
+            ));
         }
         subs.push(sub_token(token)?);
     }
     if subs.is_empty() {
         return Err(ParseError::NoSubscribers(policy));
     }
-    Ok(Parsed { policy, subs })
+    Ok(Parsed {
+        policy,
+        spool,
+        subs,
+    })
 }
 
 fn sub_token(token: &[u8]) -> Result<SubToken<'_>, ParseError> {
@@ -168,7 +187,9 @@ fn sub_token(token: &[u8]) -> Result<SubToken<'_>, ParseError> {
 
 /// Length of the printed form `POLICY SUB1 SUB2 ...`.
 pub fn printed_len(parsed: &Parsed<'_>) -> usize {
-    parsed.policy.name().len() + parsed.subs.iter().map(|s| 1 + s.token.len()).sum::<usize>()
+    parsed.policy.name().len()
+        + parsed.spool.map_or(0, |o| 1 + o.to_string().len())
+        + parsed.subs.iter().map(|s| 1 + s.token.len()).sum::<usize>()
 }
 
 /// Write the printed form into `out` (exactly [`printed_len`] bytes) and
@@ -177,6 +198,12 @@ pub fn print_into(parsed: &Parsed<'_>, out: &mut [u8]) -> Vec<(usize, usize)> {
     let name = parsed.policy.name().as_bytes();
     out[..name.len()].copy_from_slice(name);
     let mut at = name.len();
+    if let Some(o) = parsed.spool {
+        let o = o.to_string();
+        out[at] = b' ';
+        out[at + 1..at + 1 + o.len()].copy_from_slice(o.as_bytes());
+        at += 1 + o.len();
+    }
     let mut spans = Vec::with_capacity(parsed.subs.len());
     for s in &parsed.subs {
         out[at] = b' ';

@@ -20,6 +20,8 @@ pub struct Chain {
     event: EventCopy,
     current: usize,
     walk: Walk,
+    /// A replay's lease (queue, token), settled when the chain ends.
+    lease: Option<(usize, u64)>,
 }
 
 /// A PARALLEL subscriber's attempt: its report only updates the
@@ -41,6 +43,7 @@ pub fn chain(driver: &mut CoreDriver<'_>, i: usize, walk: &Walk) -> Attempt {
         event,
         current: i,
         walk: *walk,
+        lease: driver.lease,
     };
     let Some(chain) = ShmRc::single(chain) else {
         return driver.out_of_memory(i);
@@ -86,10 +89,13 @@ impl Report for Chain {
         // transports raised from here get the core's dummy message
         let dummy = DummyMsg::new();
         let mut driver = CoreDriver::new(sock, None, Some(chain.event.clone()), dummy.msg());
+        driver.lease = chain.lease;
         let (rules, now) = (exports::rules(), now_ms());
         match walk.resume(chain.current, ok, sock.subs(), rules, now, &mut driver) {
             Progress::Pending => {}
-            Progress::Done(out) => driver.settle(out),
+            Progress::Done(out) => {
+                driver.settle(out);
+            }
         }
     }
 }

@@ -7,12 +7,13 @@ use std::ffi::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::hooks::Virtual;
-use super::mi_list::{ListAll, ListEvent};
+use super::mi_list::{ListAll, ListEvent, Retry};
 use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, IntParam, PARAMS_END, Params, STATS_END, Stat, Stats, Table,
+    Commands, Exports, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stat, Stats, Table,
+    spool_params,
 };
 use crate::policy::Rules;
 use crate::socket::VIRTUAL_PROTO;
@@ -22,30 +23,55 @@ pub const DEFAULT_FAILOVER_TIMEOUT_S: c_int = 30;
 
 static FAILOVER_TIMEOUT: IntParam = IntParam::new(DEFAULT_FAILOVER_TIMEOUT_S);
 
-static PARAMS: Params<2> = Table([FAILOVER_TIMEOUT.export(c"failover_timeout"), PARAMS_END]);
+const SPOOL_PARAMS: [ParamExport; 4] = spool_params();
+
+static PARAMS: Params<6> = Table([
+    FAILOVER_TIMEOUT.export(c"failover_timeout"),
+    SPOOL_PARAMS[0],
+    SPOOL_PARAMS[1],
+    SPOOL_PARAMS[2],
+    SPOOL_PARAMS[3],
+    PARAMS_END,
+]);
 
 pub static EVENTS: Stat = Stat::unregistered();
 pub static DELIVERED: Stat = Stat::unregistered();
 pub static FAILED: Stat = Stat::unregistered();
 pub static INCOMPLETE: Stat = Stat::unregistered();
 pub static FAILOVERS: Stat = Stat::unregistered();
+pub static SPOOLED: Stat = Stat::unregistered();
+pub static REPLAYED: Stat = Stat::unregistered();
+pub static DROPPED: Stat = Stat::unregistered();
 
-static STATS: Stats<6> = Table([
+static STATS: Stats<9> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
     INCOMPLETE.export(c"events_incomplete"),
     FAILOVERS.export(c"failovers"),
+    SPOOLED.export(c"events_spooled"),
+    REPLAYED.export(c"events_replayed"),
+    DROPPED.export(c"events_dropped"),
     STATS_END,
 ]);
 
-static MI_COMMANDS: Commands<2> = Table([
+static MI_COMMANDS: Commands<3> = Table([
     mi::command(
         c"event_virtual_list",
         c"lists the virtual subscriptions, their subscribers' health and counters",
         [
             Recipe::new::<ListAll>(&[]),
             Recipe::new::<ListEvent>(&[c"event"]),
+        ],
+    ),
+    mi::command(
+        c"event_virtual_retry",
+        c"retries the spool's held events now (mode: all, the default, or one)",
+        [
+            Recipe::new::<Retry>(&[]),
+            Recipe::new::<Retry>(&[c"event"]),
+            Recipe::new::<Retry>(&[c"mode"]),
+            Recipe::new::<Retry>(&[c"event", c"mode"]),
         ],
     ),
     mi::END,
@@ -82,6 +108,10 @@ pub fn init() -> c_int {
         return -1;
     };
     WINDOW_MS.store(seconds * 1000, Ordering::Relaxed);
+    if let Err(e) = super::spool::init() {
+        log!(ERR, "{e}");
+        return -1;
+    }
     if !TRANSPORT.register() {
         log!(ERR, "cannot register the 'virtual' event transport");
         return -1;

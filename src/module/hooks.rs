@@ -37,12 +37,21 @@ impl Hooks for Virtual {
         let (Some(a), Some(b)) = (SockRef::of(a), SockRef::of(b)) else {
             return false;
         };
-        socket::same_subscription(a.policy, &a.tokens(), b.policy, &b.tokens())
+        let same = socket::same_subscription(a.policy, &a.tokens(), b.policy, &b.tokens());
+        if same && a.spool != b.spool {
+            // the option is not identity: a refresh keeps the spool the
+            // subscription was made with
+            log!(DBG, "'virtual:{}' keeps its spool", socket::quote(a.text()));
+        }
+        same
     }
 
     fn free(sock: CoreSock<'_>) {
-        // the subscription's reference: the block goes with the last one
-        drop(SockRef::take(sock))
+        // the subscription's reference: the block goes with the last one;
+        // what its spool holds is dropped now (counted)
+        if let Some(sock) = SockRef::take(sock) {
+            super::spool::close(&sock);
+        }
     }
 
     fn raise(event: Event<'_>, sock: CoreSock<'_>) -> bool {

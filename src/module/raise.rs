@@ -6,16 +6,27 @@
 
 use super::chain;
 use super::exports::{self, DELIVERED, EVENTS, FAILED, FAILOVERS, INCOMPLETE};
+use super::spool::{self, Pushed};
 use super::vsock::SockRef;
 use crate::opensips::event::{Event, EventCopy, Msg};
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
 use crate::policy::{self, Attempt, Driver, Outcome, Progress, Transition, Walk};
 use crate::socket::{self, Policy};
+use crate::spool::Enter;
 
 /// The core's raise: 0 when delivered or accepted, to report later.
 pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
     EVENTS.add(1);
+    // a spool that holds events: this one goes behind them (one load when
+    // it is empty, or when there is no spool)
+    if sock.policy != Policy::Parallel && sock.queues().first().is_some_and(|q| q.held() > 0) {
+        match spool::push(&sock, 0, &event, Enter::Behind) {
+            Pushed::Held => return true,
+            Pushed::Lost => return false,
+            Pushed::Empty => {}
+        }
+    }
     let mut driver = CoreDriver::new(&sock, Some(event), None, event.msg());
     let progress = policy::deliver(
         sock.policy,
@@ -28,10 +39,7 @@ pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
     match progress {
         // accepted: the chain reports on its own
         Progress::Pending => true,
-        Progress::Done(out) => {
-            driver.settle(out);
-            out.delivered()
-        }
+        Progress::Done(out) => driver.settle(out),
     }
 }
 
@@ -45,6 +53,9 @@ pub struct CoreDriver<'a> {
     /// of a FAILOVER or ROUND-ROBIN event (or the chain's, on a report).
     copy: Option<EventCopy>,
     msg: Msg,
+    /// A replay of a held event: its queue and the lease's token, which
+    /// the end of the walk settles instead of holding the event again.
+    pub lease: Option<(usize, u64)>,
 }
 
 impl<'a> CoreDriver<'a> {
@@ -59,6 +70,15 @@ impl<'a> CoreDriver<'a> {
             core,
             copy,
             msg,
+            lease: None,
+        }
+    }
+
+    /// The replay of a held event, leased from queue `lease.0`.
+    pub fn replaying(sock: &'a SockRef, event: Event<'a>, lease: (usize, u64)) -> Self {
+        CoreDriver {
+            lease: Some(lease),
+            ..CoreDriver::new(sock, Some(event), None, event.msg())
         }
     }
 
@@ -108,8 +128,27 @@ impl<'a> CoreDriver<'a> {
         Attempt::Failed
     }
 
-    /// A settled event: count it, and say so if it was lost.
-    pub fn settle(&mut self, out: Outcome) {
+    /// A settled event: count it, and say so if it was lost; true when
+    /// delivered (or held by the spool).
+    pub fn settle(&mut self, out: Outcome) -> bool {
+        if let Some((q, token)) = self.lease {
+            // a replay's asynchronous chain ended: settle its lease
+            spool::finish(self.sock, q, token, out.delivered());
+            return true;
+        }
+        if !out.delivered() && out.policy != Policy::Parallel && !self.sock.queues().is_empty() {
+            let pushed = self.event().map_or(Pushed::Lost, |e| {
+                spool::push(self.sock, 0, &e, Enter::Failed)
+            });
+            if pushed == Pushed::Held {
+                // held, not lost: not counted failed
+                FAILOVERS.add(out.attempts.saturating_sub(1));
+                return true;
+            }
+            // dropped by the spool: counted and logged there
+            count(out);
+            return false;
+        }
         count(out);
         if !out.delivered() {
             // a PARALLEL subscriber that fails is reported once, as it
@@ -120,6 +159,7 @@ impl<'a> CoreDriver<'a> {
                 _ => log!(ERR, "{}", self.lost()),
             }
         }
+        out.delivered()
     }
 
     fn lost(&self) -> String {
@@ -135,6 +175,21 @@ impl<'a> CoreDriver<'a> {
 impl Driver for CoreDriver<'_> {
     fn attempt(&mut self, i: usize, walk: &Walk) -> Attempt {
         let sub = &self.sock.subs()[i];
+        // PARALLEL with a spool: a subscriber with held events gets this
+        // one behind them (not a failure: its window must not restart)
+        let queue = match self.sock.policy {
+            Policy::Parallel => self.sock.queues().get(i),
+            _ => None,
+        };
+        if let Some(q) = queue
+            && q.held() > 0
+            && let Some(event) = self.event()
+        {
+            match spool::push(self.sock, i, &event, Enter::Behind) {
+                Pushed::Held | Pushed::Lost => return Attempt::Pending,
+                Pushed::Empty => {}
+            }
+        }
         match (sub.sock.asynchronous(), self.sock.policy) {
             (true, Policy::Parallel) => chain::probe(self, i),
             (true, _) => chain::chain(self, i, walk),
@@ -146,7 +201,14 @@ impl Driver for CoreDriver<'_> {
                 };
                 match sub.sock.raise(&event) {
                     0 => Attempt::Taken,
-                    rc => self.failed(i, rc),
+                    rc => {
+                        if queue.is_some() {
+                            // held for this subscriber; its health records
+                            // the failure all the same
+                            spool::push(self.sock, i, &event, Enter::Failed);
+                        }
+                        self.failed(i, rc)
+                    }
                 }
             }
         }

@@ -3,8 +3,13 @@
 //! A virtual socket is one [`ShmRc`] block:
 //!
 //! ```text
-//! [ VSock | refs, payload length | Sub; n | printed text "POLICY SUB1 ..." ]
+//! [ VSock | refs, payload length | Sub; n | Queue; q | printed text "POLICY SUB1 ..." ]
 //! ```
+//!
+//! `q` is 0 without a spool; with one (issue 10) it is one queue for the
+//! socket (FAILOVER, ROUND-ROBIN), or one per subscriber (PARALLEL, queue
+//! `i` is subscriber `i`'s).  The queues are atomics only, and live and
+//! die with the block.
 //!
 //! The `evi_reply_sock` the core holds is the first field of `VSock`, so the
 //! pointer the core hands back is the block itself, and `params` points at
@@ -31,6 +36,7 @@ use crate::opensips::str::{self, str_};
 use crate::opensips::transport::{SubSocket, Transport};
 use crate::policy::Health;
 use crate::socket::{self, ParseError, Policy, Transports};
+use crate::spool::{Queue, SpoolOption, queue_count};
 
 pub struct VSock {
     /// What the core holds; it writes flags, expire and subscription time
@@ -39,6 +45,10 @@ pub struct VSock {
     pub policy: Policy,
     n: u32,
     pub rotation: AtomicU64,
+    /// Spool queues after the Subs; 0: no spool.
+    q: u32,
+    /// The `SPOOL(...)` option the socket was made with.
+    pub spool: Option<SpoolOption>,
 }
 
 /// One subscriber: its transport's socket, where its token is in the
@@ -59,6 +69,9 @@ impl AsRef<Health> for Sub {
 // the Subs start the payload, which is aligned for a usize
 const _: () = assert!(align_of::<Sub>() <= align_of::<usize>());
 const _: () = assert!(tail_offset::<VSock>().is_multiple_of(align_of::<usize>()));
+// the Queues follow the Subs, aligned
+const _: () = assert!(align_of::<Queue>() <= align_of::<usize>());
+const _: () = assert!(size_of::<Sub>().is_multiple_of(align_of::<Queue>()));
 
 impl Tail for VSock {
     fn drop_tail(&mut self, tail: NonNull<u8>) {
@@ -66,6 +79,8 @@ impl Tail for VSock {
         // SAFETY: open placed n Subs at the head of the payload; the block
         // is going, so they are dropped (their sub-sockets released) once.
         unsafe { ptr::drop_in_place(subs) }
+        // the queues are atomics with nothing to drop; whatever they still
+        // hold was given back by close (unsubscribe) and finish
     }
 }
 
@@ -99,6 +114,9 @@ impl SockRef {
         let parsed = socket::parse(input)?;
         let subs = socket::open_subscribers(&mut CoreTransports, &parsed)?;
         let subs_len = subs.len() * size_of::<Sub>();
+        let limits = super::spool::limits(parsed.spool);
+        let q = limits.map_or(0, |_| queue_count(parsed.policy, subs.len()));
+        let queues_len = q * size_of::<Queue>();
         let text_len = socket::printed_len(&parsed);
         let head = VSock {
             reply: UnsafeCell::new(reply_sock(str::EMPTY, null_mut())),
@@ -106,12 +124,24 @@ impl SockRef {
             // socket.rs caps it at MAX_SUBSCRIBERS
             n: subs.len() as u32,
             rotation: AtomicU64::new(0),
+            q: q as u32,
+            spool: parsed.spool,
         };
         // out of memory: the sub-sockets are dropped with `subs`, released
         let mut subs = Some(subs);
-        let mut block = ShmRc::new(head, subs_len + text_len, |tail| {
-            let (first, text) = tail.split_at_mut(subs_len);
+        let mut block = ShmRc::new(head, subs_len + queues_len + text_len, |tail| {
+            let (first, rest) = tail.split_at_mut(subs_len);
+            let (queues, text) = rest.split_at_mut(queues_len);
             let first = first.as_mut_ptr().cast::<Sub>();
+            if let Some(limits) = limits {
+                let queues = queues.as_mut_ptr().cast::<Queue>();
+                for i in 0..q {
+                    // SAFETY: the payload has room for q Queues after the
+                    // Subs, aligned (see the asserts above); each is
+                    // written once.
+                    unsafe { queues.add(i).write(Queue::new(limits)) }
+                }
+            }
             let spans = socket::print_into(&parsed, text);
             let opened = subs.take().unwrap_or_default();
             for (i, ((_, sock), (off, len))) in opened.into_iter().zip(spans).enumerate() {
@@ -129,7 +159,7 @@ impl SockRef {
         .ok_or(ParseError::NoMemory)?;
         let this = block.as_ptr().cast();
         let (head, tail) = block.get_mut().ok_or(ParseError::NoMemory)?;
-        let address = str::of(&tail[subs_len..]).ok_or(ParseError::NoMemory)?;
+        let address = str::of(&tail[subs_len + queues_len..]).ok_or(ParseError::NoMemory)?;
         *head.reply.get_mut() = reply_sock(address, this);
         Ok(SockRef(block))
     }
@@ -163,9 +193,21 @@ impl SockRef {
         unsafe { std::slice::from_raw_parts(self.0.tail_ptr().cast().as_ptr(), self.0.n as usize) }
     }
 
+    /// The spool's queues: none without a spool, one (FAILOVER,
+    /// ROUND-ROBIN) or one per subscriber (PARALLEL).
+    pub fn queues(&self) -> &[Queue] {
+        let off = self.0.n as usize * size_of::<Sub>();
+        // SAFETY: open placed q initialised Queues after the Subs; they
+        // change only through their atomics.
+        unsafe {
+            let start = self.0.tail_ptr().add(off).cast::<Queue>();
+            std::slice::from_raw_parts(start.as_ptr(), self.0.q as usize)
+        }
+    }
+
     /// The printed text, `POLICY SUB1 SUB2 ...`.
     pub fn text(&self) -> &[u8] {
-        let off = self.0.n as usize * size_of::<Sub>();
+        let off = self.0.n as usize * size_of::<Sub>() + self.0.q as usize * size_of::<Queue>();
         // SAFETY: the text follows the Subs, written before the socket was
         // shared and never changed.
         unsafe {

@@ -18,6 +18,10 @@ impl Msg {
     pub fn none() -> Msg {
         Msg(null_mut())
     }
+
+    pub(super) fn raw(self) -> *mut sip_msg {
+        self.0
+    }
 }
 
 /// The core's dummy SIP message, for raises that no SIP message is

@@ -36,6 +36,13 @@ impl Item {
         checked(unsafe { sys::add_mi_array(self.0, n, l) })
     }
 
+    /// A named object.
+    pub fn object(&self, key: &str) -> Result<Item, Full> {
+        let (n, l) = name(key);
+        // SAFETY: as for array.
+        checked(unsafe { sys::add_mi_object(self.0, n, l) })
+    }
+
     /// A nameless object, for an array.
     pub fn element(&self) -> Result<Item, Full> {
         // SAFETY: as for array.

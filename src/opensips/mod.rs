@@ -27,6 +27,7 @@ pub mod log;
 pub mod mi;
 pub mod module;
 pub mod shm;
+pub mod spool;
 pub mod str;
 pub mod transport;
 

@@ -45,7 +45,7 @@ impl Exports {
             mi_cmds: mi.0.as_ptr(),
             items: null(),
             trans: null(),
-            procs: null(),
+            procs: (&raw const sys::evv_procs).cast(),
             preinit_f: None,
             init_f: Some(sys::evv_mod_init),
             response_f: None,
@@ -64,6 +64,7 @@ pub struct Table<T, const N: usize>(pub [T; N]);
 unsafe impl<T, const N: usize> Sync for Table<T, N> {}
 
 pub type Params<const N: usize> = Table<param_export_t, N>;
+pub type ParamExport = param_export_t;
 pub type Stats<const N: usize> = Table<stat_export_t, N>;
 pub type Commands<const N: usize> = Table<mi_export_t, N>;
 
@@ -92,6 +93,34 @@ impl IntParam {
             param_pointer: self.0.get().cast(),
         }
     }
+}
+
+/// The spool's modparams (issue 10), which live in the shim:
+/// `spool_size`, `spool_max_age`, `spool_max_memory` (a string),
+/// `spool_retry_interval`.  See [`super::spool::modparams`].
+pub const fn spool_params() -> [param_export_t; 4] {
+    [
+        param_export_t {
+            name: c"spool_size".as_ptr(),
+            type_: sys::INT_PARAM,
+            param_pointer: (&raw mut sys::evv_spool_size).cast(),
+        },
+        param_export_t {
+            name: c"spool_max_age".as_ptr(),
+            type_: sys::INT_PARAM,
+            param_pointer: (&raw mut sys::evv_spool_max_age).cast(),
+        },
+        param_export_t {
+            name: c"spool_max_memory".as_ptr(),
+            type_: sys::STR_PARAM,
+            param_pointer: (&raw mut sys::evv_spool_max_memory).cast(),
+        },
+        param_export_t {
+            name: c"spool_retry_interval".as_ptr(),
+            type_: sys::INT_PARAM,
+            param_pointer: (&raw mut sys::evv_spool_retry_interval).cast(),
+        },
+    ]
 }
 
 pub const PARAMS_END: param_export_t = param_export_t {

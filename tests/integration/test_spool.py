@@ -1,0 +1,295 @@
+"""The spool (issue 10): events every subscriber failed are held, in order
+and within bounds, and replayed by the module's process when a subscriber
+comes back.
+
+Unix datagram receivers have short queues (net.unix.max_dgram_qlen, often
+10) and event_datagram sends without blocking: a replay burst can fail with
+EAGAIN. Such an event just stays held and is retried after
+spool_retry_interval, so these servers run with failover_timeout 0 and a
+short retry interval, and the tests assert eventual, complete, in-order
+delivery without duplicates."""
+
+import time
+
+import pytest
+
+from evvharness import OpenSips, raise_one, virtual, wait_until
+
+
+class SpoolSips(OpenSips):
+    """OpenSips with the spool's modparams."""
+
+    def __init__(self, workdir, spool=None, **options):
+        self.spool = dict(spool or {})
+        super().__init__(workdir, **options)
+
+    def modules(self):
+        mods = super().modules()
+        so, params = mods[-1]
+        mods[-1] = (so, {**params, **self.spool})
+        return mods
+
+
+FAST = {"spool_retry_interval": 50}
+
+
+@pytest.fixture
+def spool_srv(tmp_path_factory, request):
+    servers = []
+
+    def make(failover_timeout=0, **spool):
+        s = SpoolSips(tmp_path_factory.mktemp("opensips"), spool={**FAST, **spool},
+                      failover_timeout=failover_timeout).start()
+        servers.append(s)
+        return s
+
+    yield make
+    try:
+        for s in servers:
+            if not getattr(request.node, "call_failed", True):
+                assert s.alive(), f"OpenSIPS died; log {s.log.path}:\n{s.log.tail(30)}"
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def spool_stats(srv):
+    st = srv.statistics("event_virtual")
+    return {k: st[k] for k in ("events_spooled", "events_replayed", "events_dropped")}
+
+
+def raise_seqs(srv, ev, seqs, tag="a"):
+    """Raise ev len(seqs) times from the script of one worker (so in one
+    order: MI raise_event hands each raise to some worker, and two workers
+    raise in no order between them); seqs must be range(k, k + n) of one
+    tag's numbering, continued across calls."""
+    seqs = list(seqs)
+    start = OFFSETS.setdefault((id(srv), ev, tag), 0)
+    assert seqs == list(range(start, start + len(seqs))), "seqs continue the last call's"
+    OFFSETS[(id(srv), ev, tag)] = start + len(seqs)
+    BASES[(id(srv), ev, tag, srv._sip_seq + 1)] = start
+    srv.send_sip(ev, count=len(seqs), tag=f"{tag}{start}")
+
+
+OFFSETS = {}
+BASES = {}
+
+
+def seqs_of(receiver, event):
+    """The events' numbers: the script's loop index i plus where the raise's
+    numbering started (in its tag)."""
+    out = []
+    for e in receiver.events(event):
+        p = e["params"]
+        out.append(int(p["tag"][1:]) + int(p["i"]))
+    return out
+
+
+def held(srv, ev, sub=None):
+    """The Spool object of ev's (only) subscription, or of its subscriber sub."""
+    [s] = srv.virtual_list(ev)
+    return (s if sub is None else s["Subscribers"][sub])["Spool"]
+
+
+def test_failover_holds_every_event_and_replays_them_in_order(spool_srv, recv):
+    srv = spool_srv()
+    s1, s2 = recv.dead(), recv.dead()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("FAILOVER SPOOL(500)", s1, s2))
+    assert srv.subscribers(ev) == [virtual("FAILOVER SPOOL(500)", s1, s2)]
+    mark = srv.log.mark()
+    raise_seqs(srv, ev, range(200))
+    wait_until(lambda: held(srv, ev)["spooled"] == 200, 10, "200 events held")
+    st = spool_stats(srv)
+    assert st["events_spooled"] == 200 and st["events_dropped"] == 0, st
+    assert srv.statistics("event_virtual")["events_failed"] == 0
+    warnings = [l for l in srv.log.lines_since(mark) if "holding events" in l]
+    assert len(warnings) == 1, warnings
+
+    s2.bind()
+    raise_seqs(srv, ev, range(200, 220))     # raised during the replay: after the held ones
+    s2.wait_count(220, ev, timeout=30)
+    time.sleep(0.3)
+    assert seqs_of(s2, ev) == list(range(220)), f"out of order, lost or duplicated: {seqs_of(s2, ev)}"
+    assert s1.count(ev) == 0
+    wait_until(lambda: held(srv, ev)["held"] == 0, 5, "the queue to empty")
+    st = spool_stats(srv)
+    view = held(srv, ev)
+    assert st["events_spooled"] == view["spooled"]
+    assert st["events_replayed"] == view["replayed"]
+    assert st["events_spooled"] == st["events_replayed"] + st["events_dropped"], st
+    assert st["events_dropped"] == 0
+    wait_until(lambda: any("its queue is empty" in l for l in srv.log.lines_since(mark)), 5,
+               "the NOTICE that the queue drained")
+
+
+def test_round_robin_all_down_then_two_back(spool_srv, recv):
+    srv = spool_srv()
+    subs = [recv.dead(), recv.dead(), recv.dead()]
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("ROUND-ROBIN SPOOL(100)", *subs))
+    raise_seqs(srv, ev, range(60))
+    wait_until(lambda: held(srv, ev)["held"] == 60, 10, "60 events held")
+    subs[0].bind()
+    subs[2].bind()
+    wait_until(lambda: subs[0].count(ev) + subs[2].count(ev) >= 60, 30, "60 replayed")
+    time.sleep(0.3)
+    got = seqs_of(subs[0], ev) + seqs_of(subs[2], ev)
+    assert sorted(got) == list(range(60)), "lost or duplicated"
+    for r in (subs[0], subs[2]):
+        assert seqs_of(r, ev) == sorted(seqs_of(r, ev)), f"{r} out of order"
+    assert subs[1].count(ev) == 0
+
+
+def test_parallel_subscriber_down_gets_every_event_it_missed(spool_srv, recv):
+    srv = spool_srv()
+    a, b, c = recv.unix(), recv.unix(), recv.dead()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("PARALLEL SPOOL(200)", a, b, c))
+    raise_seqs(srv, ev, range(100))
+    a.wait_count(100, ev)
+    b.wait_count(100, ev)
+    wait_until(lambda: held(srv, ev, 2)["held"] == 100, 10, "100 events held for c")
+    assert held(srv, ev, 0)["held"] == 0 and held(srv, ev, 1)["held"] == 0
+    c.bind()
+    c.wait_count(100, ev, timeout=30)
+    raise_seqs(srv, ev, range(100, 105))
+    for r in (a, b, c):
+        r.wait_count(105, ev)
+    time.sleep(0.3)
+    for r in (a, b, c):
+        assert seqs_of(r, ev) == list(range(105)), f"{r}: out of order, lost or duplicated"
+
+
+def test_overflow_keeps_the_newest_and_counts_the_rest(spool_srv, recv):
+    srv = spool_srv()
+    n = 20
+    s1, s2 = recv.dead(), recv.dead()
+    ev = srv.new_event()
+    before = spool_stats(srv)
+    srv.subscribe(ev, virtual(f"FAILOVER SPOOL({n})", s1, s2))
+    mark = srv.log.mark()
+    raise_seqs(srv, ev, range(3 * n))
+    wait_until(lambda: held(srv, ev)["spooled"] == 3 * n, 10, "every event offered")
+    view = held(srv, ev)
+    assert view["held"] == n and view["dropped"] == 2 * n, view
+    assert view["dropped_overflow"] == 2 * n, view
+    s2.bind()
+    s2.wait_count(n, ev, timeout=30)
+    time.sleep(0.3)
+    assert seqs_of(s2, ev) == list(range(2 * n, 3 * n))
+    after = spool_stats(srv)
+    assert after["events_dropped"] - before["events_dropped"] == 2 * n
+    assert after["events_replayed"] - before["events_replayed"] == n
+    # one drop line for the episode, with its count (logged after 5 s quiet)
+    wait_until(lambda: [l for l in srv.log.lines_since(mark) if "dropped 40 held events" in l],
+               15, "the drop episode's WARNING")
+    lines = [l for l in srv.log.lines_since(mark) if "held events (" in l and "dropped" in l]
+    assert len(lines) == 1, lines
+
+
+def test_unsubscribe_with_a_full_queue_frees_it(spool_srv, recv):
+    srv = spool_srv()
+    s1, s2 = recv.dead(), recv.dead()
+    ev = srv.new_event()
+    sock = virtual("FAILOVER SPOOL(100)", s1, s2)
+    raise_seqs(srv, ev, range(3), tag="w")     # nothing subscribed: warms the path
+    base = srv.shm_used()
+    before = spool_stats(srv)
+    srv.subscribe(ev, sock)
+    raise_seqs(srv, ev, range(50))
+    wait_until(lambda: held(srv, ev)["held"] == 50, 10, "50 events held")
+    assert srv.shm_used() > base + 50 * 40
+    srv.unsubscribe(ev, virtual("FAILOVER", s1, s2))   # the option is not identity
+    # the core removes a subscription once its expire (0) has passed
+    wait_until(lambda: srv.subscribers(ev) == [], 5, "the subscription to go")
+    after = spool_stats(srv)
+    assert after["events_dropped"] - before["events_dropped"] == 50
+    wait_until(lambda: srv.shm_used() <= base + 256, 5,
+               f"shm back to {base} (now {srv.shm_used()})")
+    s2.bind()
+    time.sleep(1)
+    assert s2.count(ev) == 0
+
+
+def test_list_shows_the_queue_and_retry_delivers_now(spool_srv, recv):
+    srv = spool_srv(failover_timeout=30)   # no replay on its own for 30 s
+    s1, s2 = recv.dead(), recv.dead()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("FAILOVER SPOOL(100,600)", s1, s2))
+    raise_seqs(srv, ev, range(5))
+    wait_until(lambda: held(srv, ev)["held"] == 5, 10, "5 events held")
+    time.sleep(0.2)
+    [sub] = srv.virtual_list(ev)
+    assert sub["spool_size"] == 100 and sub["spool_max_age"] == 600
+    view = sub["Spool"]
+    assert view["oldest_age_ms"] >= 200 and view["bytes"] > 0 and view["dropped"] == 0, view
+    assert 0 < view["retry_in_ms"] <= 30000, view
+    # every subscriber still down: the forced attempt fails, all stay held
+    mark = srv.log.mark()
+    assert srv.mi("event_virtual_retry", {"event": ev}) == {"queues": 1}
+    wait_until(lambda: len(srv.log.errors_since(mark, "Cannot raise datagram event")) >= 2, 5,
+               "the forced attempt on both subscribers")
+    time.sleep(0.3)
+    assert held(srv, ev)["held"] == 5
+    s2.bind()
+    time.sleep(1)
+    assert s2.count(ev) == 0, "replayed inside the failover window"
+    # the head, now: s2 takes it, which ends its window, so the rest follow
+    assert srv.mi("event_virtual_retry", {"event": ev, "mode": "one"}) == {"queues": 1}
+    s2.wait_count(5, ev)
+    time.sleep(0.3)
+    assert seqs_of(s2, ev) == list(range(5))
+    wait_until(lambda: held(srv, ev)["held"] == 0, 5, "the queue to empty")
+    assert srv.mi("event_virtual_retry", {"event": ev}) == {"queues": 0}
+    with pytest.raises(Exception, match="404|unknown"):
+        srv.mi("event_virtual_retry", {"event": "E_NO_SUCH"})
+    with pytest.raises(Exception, match="400|mode"):
+        srv.mi("event_virtual_retry", {"mode": "some"})
+
+
+def test_spool_size_modparam_holds_for_plain_sockets(spool_srv, recv):
+    srv = spool_srv(spool_size=30)
+    s1 = recv.dead()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("FAILOVER", s1))
+    raise_seqs(srv, ev, range(10))
+    wait_until(lambda: held(srv, ev)["held"] == 10, 10, "10 events held")
+    s1.bind()
+    s1.wait_count(10, ev, timeout=30)
+    time.sleep(0.3)
+    assert seqs_of(s1, ev) == list(range(10))
+    # SPOOL(0) turns it off for one subscription: an event is lost as before
+    ev2 = srv.new_event()
+    s2 = recv.dead()
+    srv.subscribe(ev2, virtual("FAILOVER SPOOL(0)", s2))
+    [sub] = srv.virtual_list(ev2)
+    assert "Spool" not in sub
+    before = srv.statistics("event_virtual")["events_failed"]
+    srv.raise_event(ev2, {"seq": 0})
+    wait_until(lambda: srv.statistics("event_virtual")["events_failed"] == before + 1, 5,
+               "the event counted failed")
+
+
+def test_malformed_option_is_refused(spool_srv, recv):
+    srv = spool_srv()
+    s1 = recv.udp()
+    ev = srv.new_event()
+    for bad in ("FAILOVER SPOOL(x)", "FAILOVER SPOOL(1) SPOOL(2)"):
+        mark = srv.log.mark()
+        with pytest.raises(Exception):
+            srv.subscribe(ev, virtual(bad, s1))
+        assert srv.log.errors_since(mark, "option"), srv.log.tail(5)
+    assert srv.subscribers(ev) == []
+
+
+def test_without_a_spool_nothing_changes(spool_srv, recv):
+    srv = spool_srv()
+    s1, s2 = recv.dead(), recv.udp()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("FAILOVER", s1, s2))
+    [sub] = srv.virtual_list(ev)
+    assert "Spool" not in sub and "spool_size" not in sub
+    assert raise_one(srv, ev, 0, [s1, s2]) == [1]
+    assert spool_stats(srv) == {"events_spooled": 0, "events_replayed": 0,
+                                "events_dropped": 0}
