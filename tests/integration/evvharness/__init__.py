@@ -21,6 +21,6 @@ from .checks import (assert_each_once, assert_quiet, raise_one, seq_of, seqs_of,
 from .env import EVV_MODULE, OPENSIPS_SRC, check_prerequisites
 from .mi import MIError, ServerDied
 from .receivers import Receivers
-from .server import EVENT_POOL, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
+from .server import EVENT_POOL, SPOOL_STATS, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
 from .sip import sip_request
 from .util import DEFAULT_TIMEOUT, closed_tcp_port, free_port, wait_until
