@@ -83,6 +83,7 @@ fn main() {
         .allowlist_type("(param|stat|mi)_export_t")
         .allowlist_var("INT_PARAM")
         .allowlist_var("STR_PARAM")
+        .allowlist_var("STAT_(IS_FUNC|NO_RESET)")
         .allowlist_type("evi_export_t")
         .allowlist_type("evi_reply_sock")
         .allowlist_type("evi_async_ctx_t")

@@ -6,12 +6,15 @@
 
 use super::exports;
 use super::raise::CoreDriver;
+use super::spool;
 use super::vsock::SockRef;
-use crate::opensips::event::{DummyMsg, EventCopy, Msg};
+use crate::opensips::event::{DummyMsg, Event, EventCopy, Msg};
 use crate::opensips::now_ms;
 use crate::opensips::shm::{ShmRc, Tail};
 use crate::opensips::transport::Report;
 use crate::policy::{self, Attempt, Progress, Walk};
+use crate::spool::Enter;
+use crate::spool::replay::Attempted;
 
 /// A FAILOVER or ROUND-ROBIN event: the walk to resume when subscriber
 /// `current` reports, and a copy of the event to offer on.
@@ -29,6 +32,10 @@ pub struct Chain {
 pub struct Probe {
     sock: SockRef,
     index: usize,
+    /// With a spool: the event, held for the subscriber if it fails it.
+    held: Option<EventCopy>,
+    /// A replay of the subscriber's held head: the lease's token.
+    lease: Option<u64>,
 }
 
 /// An asynchronous attempt in a FAILOVER or ROUND-ROBIN walk: the chain,
@@ -62,9 +69,13 @@ pub fn chain(driver: &mut CoreDriver<'_>, i: usize, walk: &Walk) -> Attempt {
 
 /// An asynchronous attempt in a PARALLEL fan-out.
 pub fn probe(driver: &mut CoreDriver<'_>, i: usize) -> Attempt {
+    let spooled = !driver.sock.queues().is_empty();
+    let held = if spooled { driver.copy() } else { None };
     let probe = Probe {
         sock: driver.sock.clone(),
         index: i,
+        held,
+        lease: None,
     };
     let Some(probe) = ShmRc::single(probe) else {
         return driver.out_of_memory(i);
@@ -74,7 +85,30 @@ pub fn probe(driver: &mut CoreDriver<'_>, i: usize) -> Attempt {
     };
     match driver.sock.subs()[i].sock.raise_reported(&event, probe) {
         Ok(()) => Attempt::Pending,
-        Err(rc) => driver.failed(i, rc),
+        Err(rc) => {
+            if spooled {
+                spool::push(driver.sock, i, &event, Enter::Failed);
+            }
+            driver.failed(i, rc)
+        }
+    }
+}
+
+/// The replay of PARALLEL subscriber `i`'s held head on an asynchronous
+/// transport: its report settles the lease.
+pub fn replay_probe(sock: &SockRef, i: usize, event: &Event<'_>, token: u64) -> Attempted {
+    let probe = Probe {
+        sock: sock.clone(),
+        index: i,
+        held: None,
+        lease: Some(token),
+    };
+    let Some(probe) = ShmRc::single(probe) else {
+        return Attempted::Failed;
+    };
+    match sock.subs()[i].sock.raise_reported(event, probe) {
+        Ok(()) => Attempted::Pending,
+        Err(_) => Attempted::Failed,
     }
 }
 
@@ -104,5 +138,13 @@ impl Report for Probe {
     fn report(probe: ShmRc<Probe>, ok: bool) {
         let mut driver = CoreDriver::new(&probe.sock, None, None, Msg::none());
         policy::record(probe.sock.subs(), probe.index, ok, now_ms(), &mut driver);
+        if let Some(token) = probe.lease {
+            spool::finish(&probe.sock, probe.index, token, ok);
+        } else if !ok && let Some(copy) = &probe.held {
+            // held for this subscriber (events it got live meanwhile are
+            // not held back: see the guide, 11.3)
+            let event = Event::from_copy(Msg::none(), copy);
+            spool::push(&probe.sock, probe.index, &event, Enter::Failed);
+        }
     }
 }

@@ -12,8 +12,8 @@ use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stat, Stats, Table,
-    spool_params,
+    Commands, Exports, Gauge, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stat, Stats,
+    Table, gauge_export, spool_params,
 };
 use crate::policy::Rules;
 use crate::socket::VIRTUAL_PROTO;
@@ -43,7 +43,23 @@ pub static SPOOLED: Stat = Stat::unregistered();
 pub static REPLAYED: Stat = Stat::unregistered();
 pub static DROPPED: Stat = Stat::unregistered();
 
-static STATS: Stats<9> = Table([
+/// `spool_held`: events held now, in every queue.
+struct SpoolHeld;
+impl Gauge for SpoolHeld {
+    fn value() -> u64 {
+        super::spool::shared().map_or(0, |s| s.budget.held())
+    }
+}
+
+/// `spool_memory`: bytes the held events take now.
+struct SpoolMemory;
+impl Gauge for SpoolMemory {
+    fn value() -> u64 {
+        super::spool::shared().map_or(0, |s| s.budget.used())
+    }
+}
+
+static STATS: Stats<11> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
@@ -52,6 +68,8 @@ static STATS: Stats<9> = Table([
     SPOOLED.export(c"events_spooled"),
     REPLAYED.export(c"events_replayed"),
     DROPPED.export(c"events_dropped"),
+    gauge_export::<SpoolHeld>(c"spool_held"),
+    gauge_export::<SpoolMemory>(c"spool_memory"),
     STATS_END,
 ]);
 

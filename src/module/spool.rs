@@ -314,6 +314,16 @@ impl Replayer for Replay<'_> {
         let (rules, now) = (exports::rules(), now_ms());
         if sock.policy == Policy::Parallel {
             // the queue's own subscriber only
+            if sock.subs()[qi].sock.asynchronous() {
+                match super::chain::replay_probe(sock, qi, &event, lease.token) {
+                    Attempted::Pending => return Attempted::Pending,
+                    _ => {
+                        let mut driver = CoreDriver::new(sock, None, None, Msg::none());
+                        policy::record(sock.subs(), qi, false, now, &mut driver);
+                        return Attempted::Failed;
+                    }
+                }
+            }
             let ok = sock.subs()[qi].sock.raise(&event) == 0;
             let mut driver = CoreDriver::new(sock, None, None, Msg::none());
             policy::record(sock.subs(), qi, ok, now, &mut driver);

@@ -159,6 +159,25 @@ impl Stat {
     }
 }
 
+/// A statistic computed when read (`STAT_IS_FUNC`, never reset).
+pub trait Gauge {
+    fn value() -> u64;
+}
+
+unsafe extern "C" fn gauge<G: Gauge>(_: *mut std::ffi::c_void) -> std::ffi::c_ulong {
+    super::entry("statistic", 0, || G::value() as std::ffi::c_ulong)
+}
+
+pub const fn gauge_export<G: Gauge>(name: &'static CStr) -> stat_export_t {
+    let f: unsafe extern "C" fn(*mut std::ffi::c_void) -> std::ffi::c_ulong = gauge::<G>;
+    stat_export_t {
+        name: name.as_ptr().cast_mut(),
+        flags: (sys::STAT_IS_FUNC | sys::STAT_NO_RESET) as _,
+        // the core reads a function statistic's pointer as its function
+        stat_pointer: f as *mut *mut stat_var,
+    }
+}
+
 pub const STATS_END: stat_export_t = stat_export_t {
     name: null_mut(),
     flags: 0,

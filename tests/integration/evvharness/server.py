@@ -23,7 +23,8 @@ EVENT_POOL = [f"E_T{i}" for i in range(40)]
 VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomplete",
                  "failovers")
 # ... and the spool's (issue 10), there whether a spool is configured or not
-SPOOL_STATS = ("events_spooled", "events_replayed", "events_dropped")
+SPOOL_STATS = ("events_spooled", "events_replayed", "events_dropped", "spool_held",
+               "spool_memory")
 
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
 # in the worker that handles it, with params tag (X-Tag), i (loop index)
