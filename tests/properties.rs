@@ -273,6 +273,44 @@ proptest! {
     }
 
     #[test]
+    fn spool_options_parse_print_canonically_and_parse_back(
+        (p, toks, _text) in valid_socket(),
+        size in 0u32..=1_000_000,
+        age in prop::option::of(0u32..100_000),
+        zeros in 0usize..3,
+    ) {
+        let opt = event_virtual::spool::SpoolOption { size, max_age_s: age };
+        // leading zeros are accepted; printing is canonical
+        let written = match age {
+            None => format!("SPOOL({}{size})", "0".repeat(zeros)),
+            Some(a) => format!("SPOOL({size},{}{a})", "0".repeat(zeros)),
+        };
+        let t = refs(&toks);
+        let mut text = p.name().as_bytes().to_vec();
+        text.extend_from_slice(b" ");
+        text.extend_from_slice(written.as_bytes());
+        for tok in &t {
+            text.push(b' ');
+            text.extend_from_slice(tok);
+        }
+        let parsed = parse(&text).expect("a socket with an option parses");
+        prop_assert_eq!(parsed.spool, Some(opt));
+        prop_assert_eq!(tokens(&parsed), t.clone());
+        let out = printed(&parsed);
+        let mut want = p.name().as_bytes().to_vec();
+        want.push(b' ');
+        want.extend_from_slice(opt.to_string().as_bytes());
+        for tok in &t {
+            want.push(b' ');
+            want.extend_from_slice(tok);
+        }
+        prop_assert_eq!(&out, &want);
+        let again = parse(&out).expect("the printed socket parses");
+        prop_assert_eq!(again.spool, Some(opt));
+        prop_assert_eq!(tokens(&again), t);
+    }
+
+    #[test]
     fn match_is_reflexive((p, toks, _text) in valid_socket()) {
         let t = refs(&toks);
         prop_assert!(same_subscription(p, &t, p, &t));
