@@ -349,3 +349,62 @@ def test_parallel_asynchronous_subscriber_gets_what_it_failed(spool_srv, recv):
     assert sorted(set(answered_after(c, ev, mark))) == list(range(30))
     assert held(srv, ev, 1)["replayed"] == 30
     assert seqs_of(a, ev) == list(range(30))
+
+
+def test_events_older_than_max_age_are_dropped_not_replayed(spool_srv, recv):
+    srv = spool_srv()
+    s1 = recv.dead()
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("FAILOVER SPOOL(100,1)", s1))
+    before = spool_stats(srv)
+    raise_seqs(srv, ev, range(10))
+    wait_until(lambda: held(srv, ev)["spooled"] == 10, 10, "10 events held")
+    wait_until(lambda: held(srv, ev).get("dropped_age") == 10, 10, "the 10 events aged out")
+    s1.bind()
+    time.sleep(1)
+    assert s1.count(ev) == 0
+    view = held(srv, ev)
+    assert view["held"] == 0 and view["replayed"] == 0, view
+    after = spool_stats(srv)
+    assert after["events_dropped"] - before["events_dropped"] == 10
+    # an event raised now goes live
+    raise_seqs(srv, ev, range(10, 11))
+    s1.wait_count(1, ev)
+    assert seqs_of(s1, ev) == [10]
+
+
+def test_memory_budget_bounds_every_spool_together(spool_srv, recv):
+    budget = 64 * 1024
+    srv = spool_srv(spool_max_memory="64K")
+    evs, socks = [], []
+    for _ in range(4):
+        s = recv.dead()
+        ev = srv.new_event()
+        srv.subscribe(ev, virtual("FAILOVER SPOOL(1000)", s))
+        evs.append(ev)
+        socks.append(s)
+    big = "x" * 2000
+    peak = 0
+    for round_ in range(5):
+        for ev in evs:
+            srv.send_sip(ev, count=20, tag=big)
+        peak = max(peak, srv.statistics("event_virtual")["spool_memory"])
+    wait_until(lambda: sum(held(srv, ev)["spooled"] for ev in evs) == 400, 15,
+               "every event offered")
+    st = srv.statistics("event_virtual")
+    peak = max(peak, st["spool_memory"])
+    assert 0 < peak <= budget, (peak, st)
+    views = [held(srv, ev) for ev in evs]
+    assert sum(v.get("dropped_budget", 0) for v in views) > 0, views
+    for v in views:
+        assert v["spooled"] == v["held"] + v["dropped"] + v["replayed"], v
+    assert st["spool_held"] == sum(v["held"] for v in views)
+    assert st["spool_memory"] == sum(v["bytes"] for v in views)
+    srv.assert_alive("with the budget spent")
+    # the receivers come back: what was held arrives, in order per queue
+    for s in socks:
+        s.bind()
+    for ev, s, v in zip(evs, socks, views):
+        s.wait_count(v["held"], ev, timeout=30)
+    wait_until(lambda: srv.statistics("event_virtual")["spool_memory"] == 0, 10,
+               "the budget given back")
