@@ -408,3 +408,49 @@ def test_memory_budget_bounds_every_spool_together(spool_srv, recv):
         s.wait_count(v["held"], ev, timeout=30)
     wait_until(lambda: srv.statistics("event_virtual")["spool_memory"] == 0, 10,
                "the budget given back")
+
+
+def test_expiry_with_held_events_drops_them(spool_srv, recv):
+    srv = spool_srv()
+    s1 = recv.dead()
+    ev = srv.new_event()
+    raise_seqs(srv, ev, range(3), tag="w")
+    base = srv.shm_used()
+    before = spool_stats(srv)
+    srv.subscribe(ev, virtual("FAILOVER SPOOL(100)", s1), expire=2)
+    raise_seqs(srv, ev, range(20))
+    wait_until(lambda: held(srv, ev)["held"] == 20, 10, "20 events held")
+    mark = srv.log.mark()
+    # the core removes an expired subscription at its next walk of the event
+    wait_until(lambda: srv.subscribers(ev) == [], 10, "the subscription to expire")
+    after = spool_stats(srv)
+    assert after["events_dropped"] - before["events_dropped"] == 20
+    assert any("with 20 held events: dropped" in l for l in srv.log.lines_since(mark))
+    wait_until(lambda: srv.shm_used() <= base + 256, 5,
+               f"shm back to {base} (now {srv.shm_used()})")
+    assert srv.statistics("event_virtual")["spool_held"] == 0
+
+
+def test_unsubscribe_while_a_held_event_is_in_flight(spool_srv, recv):
+    srv = spool_srv()
+    t = recv.tcp("error")
+    ev = srv.new_event()
+    before = spool_stats(srv)
+    srv.subscribe(ev, virtual("FAILOVER SPOOL(100)", t))
+    raise_seqs(srv, ev, range(5))
+    wait_until(lambda: held(srv, ev)["spooled"] == 5, 15, "5 events held")
+    t.set_mode("hold")
+    wait_until(lambda: "in_flight_ms" in held(srv, ev) and t.held(), 10,
+               "a replay in flight, unanswered")
+    srv.unsubscribe(ev, virtual("FAILOVER", t))
+    wait_until(lambda: srv.subscribers(ev) == [], 5, "the subscription to go")
+    t.release()                                    # its report comes after the close
+    wait_until(lambda: srv.statistics("event_virtual")["spool_held"] == 0, 10,
+               "the one in flight settled")
+    after = spool_stats(srv)
+    dropped = after["events_dropped"] - before["events_dropped"]
+    replayed = after["events_replayed"] - before["events_replayed"]
+    assert dropped + replayed == 5 and replayed <= 1, (dropped, replayed)
+    st = srv.statistics("event_virtual")
+    assert st["spool_memory"] == 0, st
+    srv.assert_alive("after a late report on a closed queue")
