@@ -145,6 +145,21 @@ def test_round_robin_all_down_then_two_back(spool_srv, recv):
     assert subs[1].count(ev) == 0
 
 
+def test_round_robin_all_down_then_one_back_gets_them_all_in_order(spool_srv, recv):
+    srv = spool_srv()
+    subs = [recv.dead(), recv.dead(), recv.dead()]
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("ROUND-ROBIN SPOOL(100)", *subs))
+    raise_seqs(srv, ev, range(30))
+    wait_until(lambda: held(srv, ev)["held"] == 30, 10, "30 events held")
+    subs[1].bind()
+    raise_seqs(srv, ev, range(30, 35))      # behind the held ones
+    subs[1].wait_count(35, ev, timeout=30)
+    time.sleep(0.3)
+    assert seqs_of(subs[1], ev) == list(range(35))
+    assert subs[0].count(ev) == subs[2].count(ev) == 0
+
+
 def test_parallel_subscriber_down_gets_every_event_it_missed(spool_srv, recv):
     srv = spool_srv()
     a, b, c = recv.unix(), recv.unix(), recv.dead()
