@@ -64,15 +64,11 @@ def raise_seqs(srv, ev, seqs, tag="a"):
     raise in no order between them); seqs must be range(k, k + n) of one
     tag's numbering, continued across calls."""
     seqs = list(seqs)
-    start = OFFSETS.setdefault((id(srv), ev, tag), 0)
+    offsets = srv.__dict__.setdefault("_spool_offsets", {})   # this server's
+    start = offsets.setdefault((ev, tag), 0)
     assert seqs == list(range(start, start + len(seqs))), "seqs continue the last call's"
-    OFFSETS[(id(srv), ev, tag)] = start + len(seqs)
-    BASES[(id(srv), ev, tag, srv._sip_seq + 1)] = start
+    offsets[(ev, tag)] = start + len(seqs)
     srv.send_sip(ev, count=len(seqs), tag=f"{tag}{start}")
-
-
-OFFSETS = {}
-BASES = {}
 
 
 def seqs_of(receiver, event):
