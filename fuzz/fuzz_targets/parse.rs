@@ -49,6 +49,10 @@ fuzz_target!(|data: &[u8]| {
     let spans = print_into(&parsed, &mut out);
     assert_eq!(spans.len(), parsed.subs.len());
     let mut expect = parsed.policy.name().as_bytes().to_vec();
+    if let Some(o) = parsed.spool {
+        expect.push(b' ');
+        expect.extend_from_slice(o.to_string().as_bytes());
+    }
     for ((off, n), s) in spans.iter().zip(&parsed.subs) {
         assert_eq!(&out[*off..off + n], s.token);
         expect.push(b' ');
@@ -61,6 +65,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.policy, parsed.policy);
     assert_eq!(tokens(&again), tokens(&parsed));
     assert_eq!(again.subs, parsed.subs);
+    assert_eq!(again.spool, parsed.spool);
 
     // match is reflexive, against itself and against its printed form
     let toks = tokens(&parsed);

@@ -208,6 +208,7 @@ pub fn shutdown() {
     if let Some(sh) = shared() {
         let held = sh.budget.held();
         if held > 0 {
+            add(&DROPPED, held);
             log!(WARN, "shutdown: {held} held events dropped");
         }
     }
