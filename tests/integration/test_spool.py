@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from evvharness import OpenSips, raise_one, virtual, wait_until
+from evvharness import MIError, OpenSips, raise_one, virtual, wait_until
 
 
 class SpoolSips(OpenSips):
@@ -79,6 +79,14 @@ def seqs_of(receiver, event):
         p = e["params"]
         out.append(int(p["tag"][1:]) + int(p["i"]))
     return out
+
+
+def warm_up(srv, ev):
+    """Raise ev once with nothing subscribed, over MI: done when it answers
+    (480, no subscriber), unlike a SIP request, which could still be in
+    flight when the test subscribes."""
+    with pytest.raises(MIError):
+        srv.raise_event(ev, {"seq": -1})
 
 
 def held(srv, ev, sub=None):
@@ -208,7 +216,7 @@ def test_unsubscribe_with_a_full_queue_frees_it(spool_srv, recv):
     s1, s2 = recv.dead(), recv.dead()
     ev = srv.new_event()
     sock = virtual("FAILOVER SPOOL(100)", s1, s2)
-    raise_seqs(srv, ev, range(3), tag="w")     # nothing subscribed: warms the path
+    warm_up(srv, ev)
     base = srv.shm_used()
     before = spool_stats(srv)
     srv.subscribe(ev, sock)
@@ -425,7 +433,7 @@ def test_expiry_with_held_events_drops_them(spool_srv, recv):
     srv = spool_srv()
     s1 = recv.dead()
     ev = srv.new_event()
-    raise_seqs(srv, ev, range(3), tag="w")
+    warm_up(srv, ev)
     base = srv.shm_used()
     before = spool_stats(srv)
     srv.subscribe(ev, virtual("FAILOVER SPOOL(100)", s1), expire=2)
