@@ -57,6 +57,7 @@ enum evv_stat {
 	EVV_ST_FAILED,
 	EVV_ST_INCOMPLETE,
 	EVV_ST_FAILOVERS,
+	EVV_ST_UNKEYED,
 	EVV_ST_NUM
 };
 void evv_stat_add(int which, unsigned long n);
@@ -68,6 +69,19 @@ void evv_stat_add(int which, unsigned long n);
 typedef void (*evv_visit_f)(void *arg, const str *event,
 	evi_reply_sock *sock);
 int evv_walk_virtual(const str *filter, evv_visit_f visit, void *arg);
+
+/* The value of the event parameter called name (name_len bytes): returns
+ * EVV_PARAM_STR with *s and *len set to the string (the core's, valid for
+ * the raise), EVV_PARAM_INT with *n set, or EVV_PARAM_NONE when no
+ * parameter has that name (or it has neither kind of value).  The first
+ * parameter of that name counts.  Allocates nothing, takes no lock. */
+enum evv_param_kind {
+	EVV_PARAM_NONE = 0,
+	EVV_PARAM_STR = 1,
+	EVV_PARAM_INT = 2,
+};
+int evv_param_value(const evi_params_t *params, const char *name,
+	int name_len, const char **s, int *len, int *n);
 
 /* ---- defined in Rust (src/ffi.rs), used by C ---- */
 
@@ -85,6 +99,13 @@ int evv_rs_raise(struct sip_msg *msg, str *ev_name, evi_reply_sock *sock,
 mi_response_t *evv_rs_mi_list(const mi_params_t *params,
 	struct mi_handler *async_hdl);
 mi_response_t *evv_rs_mi_list_event(const mi_params_t *params,
+	struct mi_handler *async_hdl);
+
+/* MI event_virtual_hash: the subscription by its index among the event's
+ * virtual subscriptions, or by its printed socket */
+mi_response_t *evv_rs_mi_hash_index(const mi_params_t *params,
+	struct mi_handler *async_hdl);
+mi_response_t *evv_rs_mi_hash_socket(const mi_params_t *params,
 	struct mi_handler *async_hdl);
 
 #endif

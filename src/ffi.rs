@@ -173,6 +173,8 @@ struct VSock {
     n: u32,
     text_len: u32,
     rotation: AtomicU64,
+    /// HASH: set once an event without the parameter has been logged.
+    unkeyed_said: AtomicU32,
 }
 
 #[repr(C)]
@@ -238,6 +240,11 @@ impl VSock {
 
     fn tokens(&self) -> Vec<&[u8]> {
         self.subs().iter().map(|s| self.token(s)).collect()
+    }
+
+    /// HASH's parameter name; None for the other policies.
+    fn key(&self) -> Option<&[u8]> {
+        socket::printed_key(self.text())
     }
 
     /// Keep the block alive for the length of a raise, even if the core
@@ -322,10 +329,15 @@ fn build(
                 n: n32,
                 text_len: text_len32,
                 rotation: AtomicU64::new(0),
+                unkeyed_said: AtomicU32::new(0),
             },
         );
+        let tokens: Vec<&[u8]> = parsed.subs.iter().map(|s| s.token).collect();
+        let seeds = policy::seeds(&tokens);
         let first = block.add(SUBS_OFF).cast::<Sub>();
-        for (i, (&(trans, sock), (off, tlen))) in subs.iter().zip(spans).enumerate() {
+        for (i, ((&(trans, sock), (off, tlen)), seed)) in
+            subs.iter().zip(spans).zip(seeds).enumerate()
+        {
             ptr::write(
                 first.add(i),
                 Sub {
@@ -333,7 +345,7 @@ fn build(
                     sock,
                     token_off: off as u32,
                     token_len: tlen as u32,
-                    health: Health::default(),
+                    health: Health::seeded(seed),
                 },
             );
         }
@@ -464,7 +476,15 @@ pub extern "C" fn evv_rs_match(a: *mut evi_reply_sock, b: *mut evi_reply_sock) -
         }) else {
             return 0;
         };
-        socket::same_subscription(a.policy, &a.tokens(), b.policy, &b.tokens()).into()
+        socket::same_socket(
+            a.policy,
+            a.key(),
+            &a.tokens(),
+            b.policy,
+            b.key(),
+            &b.tokens(),
+        )
+        .into()
     })
 }
 
@@ -705,9 +725,12 @@ pub extern "C" fn evv_rs_raise(
             },
             chain: null_mut(),
         };
+        let mut int_buf = [0u8; 11];
+        let value = hash_value(vsock, driver.event, &mut int_buf);
         let progress = policy::deliver(
             vsock.policy,
             &vsock.rotation,
+            value,
             vsock.subs(),
             rules(),
             now_ms(),
@@ -722,6 +745,55 @@ pub extern "C" fn evv_rs_raise(
             }
         }
     })
+}
+
+/// HASH: this event's value of the socket's parameter, the bytes it is
+/// placed by (an integer as its decimal text, written into `buf`).  None
+/// for the other policies, and for an event without the parameter: such
+/// events are counted, and said once per subscription.
+fn hash_value<'a>(vsock: &VSock, event: Event, buf: &'a mut [u8; 11]) -> Option<&'a [u8]> {
+    let key = vsock.key()?;
+    let (mut s, mut len, mut n): (*const c_char, c_int, c_int) = (null(), 0, 0);
+    // SAFETY: params are the core's for the raise (or null); the shim
+    // only reads them and points s into them.
+    let kind = unsafe {
+        sys::evv_param_value(
+            event.params,
+            key.as_ptr().cast(),
+            key.len() as c_int,
+            &mut s,
+            &mut len,
+            &mut n,
+        )
+    };
+    match kind as u32 {
+        sys::evv_param_kind_EVV_PARAM_STR => {
+            // SAFETY: the string is the event's, valid for the raise.
+            return Some(unsafe {
+                bytes(&str_ {
+                    s: s.cast_mut(),
+                    len,
+                })
+            });
+        }
+        sys::evv_param_kind_EVV_PARAM_INT => return Some(policy::int_text(n, buf)),
+        _ => {}
+    }
+    stat(sys::evv_stat_EVV_ST_UNKEYED, 1);
+    if vsock.unkeyed_said.swap(1, Ordering::Relaxed) == 0 {
+        // SAFETY: the event name is the core's for the raise
+        let name = unsafe { event.name.as_ref().map(|n| bytes(n)) };
+        log(
+            Level::EVV_L_WARN,
+            &format!(
+                "event '{}' has no parameter '{}': 'virtual:{}' spreads such events round-robin (said once)",
+                socket::quote(name.unwrap_or_default()),
+                socket::quote(key),
+                socket::quote(vsock.text())
+            ),
+        );
+    }
+    None
 }
 
 // ---- asynchronous reports ------------------------------------------------
@@ -937,6 +1009,8 @@ unsafe extern "C" fn evv_probe_status(param: *mut c_void, status: sys::evi_statu
 /// One subscriber as the list shows it.
 struct SubscriberView {
     socket: Vec<u8>,
+    /// HASH's rendezvous seed.
+    seed: u64,
     state: State,
     attempts: u64,
     failures: u64,
@@ -948,6 +1022,8 @@ struct SubscriptionView {
     event: Vec<u8>,
     socket: Vec<u8>,
     policy: Policy,
+    /// HASH: the parameter name.
+    key: Option<Vec<u8>>,
     /// Seconds it was subscribed for, when it expires.
     expire: Option<u32>,
     /// ROUND-ROBIN: the subscriber the next event starts at.
@@ -977,6 +1053,7 @@ unsafe extern "C" fn evv_visit(arg: *mut c_void, event: *const str_, sock: *mut 
             event: event.to_vec(),
             socket: [&b"virtual:"[..], vsock.text()].concat(),
             policy: vsock.policy,
+            key: vsock.key().map(<[u8]>::to_vec),
             expire: (reply.flags & sys::EVI_EXPIRE != 0).then_some(reply.expire),
             next: (vsock.policy == Policy::RoundRobin)
                 .then(|| (vsock.rotation.load(Ordering::Relaxed) % n) as usize),
@@ -985,6 +1062,7 @@ unsafe extern "C" fn evv_visit(arg: *mut c_void, event: *const str_, sock: *mut 
                 .iter()
                 .map(|s| SubscriberView {
                     socket: vsock.token(s).to_vec(),
+                    seed: s.health.seed(),
                     state: s.health.state(now, window),
                     attempts: s.health.attempts(),
                     failures: s.health.failures(),
@@ -1043,16 +1121,36 @@ impl MiItem {
     }
 }
 
-fn render(root: &MiItem, list: &[SubscriptionView]) -> Result<(), MiFull> {
-    let wall_ms = std::time::SystemTime::now()
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn render_state(so: &MiItem, state: State, wall_ms: u64) -> Result<(), MiFull> {
+    match state {
+        State::Healthy => so.string("state", b"healthy"),
+        State::Failing => so.string("state", b"failing"),
+        State::Skipped { for_ms } => {
+            so.string("state", b"skipped")?;
+            so.number("skipped_for_ms", for_ms as f64)?;
+            // wall-clock time, in whole seconds, when it is tried again
+            so.number("skipped_until", (wall_ms + for_ms).div_ceil(1000) as f64)
+        }
+    }
+}
+
+fn render(root: &MiItem, list: &[SubscriptionView]) -> Result<(), MiFull> {
+    let wall_ms = wall_ms();
     let subscriptions = root.array("Subscriptions")?;
     for v in list {
         let o = subscriptions.element()?;
         o.string("event", &v.event)?;
         o.string("socket", &v.socket)?;
         o.string("policy", v.policy.name().as_bytes())?;
+        if let Some(key) = &v.key {
+            o.string("key", key)?;
+        }
         if let Some(expire) = v.expire {
             o.number("expire", expire.into())?;
         }
@@ -1063,16 +1161,7 @@ fn render(root: &MiItem, list: &[SubscriptionView]) -> Result<(), MiFull> {
         for s in &v.subscribers {
             let so = subs.element()?;
             so.string("socket", &s.socket)?;
-            match s.state {
-                State::Healthy => so.string("state", b"healthy")?,
-                State::Failing => so.string("state", b"failing")?,
-                State::Skipped { for_ms } => {
-                    so.string("state", b"skipped")?;
-                    so.number("skipped_for_ms", for_ms as f64)?;
-                    // wall-clock time, in whole seconds, when it is tried again
-                    so.number("skipped_until", (wall_ms + for_ms).div_ceil(1000) as f64)?;
-                }
-            }
+            render_state(&so, s.state, wall_ms)?;
             so.number("attempts", s.attempts as f64)?;
             so.number("failures", s.failures as f64)?;
         }
@@ -1086,7 +1175,9 @@ fn mi_error(code: c_int, msg: &str) -> *mut sys::mi_response_t {
     unsafe { sys::init_mi_error_extra(code, msg.as_ptr().cast(), len, null(), 0) }
 }
 
-fn mi_list(filter: Option<&[u8]>) -> *mut sys::mi_response_t {
+/// The live virtual subscriptions, of every event or of one; an error
+/// response when that event does not exist.
+fn collect(filter: Option<&[u8]>) -> Result<Vec<SubscriptionView>, *mut sys::mi_response_t> {
     let mut list: Vec<SubscriptionView> = Vec::new();
     let mut name = filter.map(|f| str_ {
         s: f.as_ptr() as *mut c_char,
@@ -1099,8 +1190,16 @@ fn mi_list(filter: Option<&[u8]>) -> *mut sys::mi_response_t {
     };
     if rc < 0 {
         let event = socket::quote(filter.unwrap_or_default());
-        return mi_error(404, &format!("unknown event '{event}'"));
+        return Err(mi_error(404, &format!("unknown event '{event}'")));
     }
+    Ok(list)
+}
+
+fn mi_list(filter: Option<&[u8]>) -> *mut sys::mi_response_t {
+    let list = match collect(filter) {
+        Ok(list) => list,
+        Err(resp) => return resp,
+    };
     let mut root: *mut sys::mi_item_t = null_mut();
     // SAFETY: builds a new response; root is set to its top object.
     let resp = unsafe { sys::init_mi_result_object(&mut root) };
@@ -1143,5 +1242,138 @@ pub extern "C" fn evv_rs_mi_list_event(
         // SAFETY: as above.
         let event = unsafe { bytes(&str_ { s, len }) };
         mi_list(Some(event))
+    })
+}
+
+// ---- MI event_virtual_hash -----------------------------------------------
+
+/// A string MI parameter's bytes, valid for the call.
+fn mi_string<'a>(params: *const sys::mi_params_t, name: &std::ffi::CStr) -> Option<&'a [u8]> {
+    let mut s: *mut c_char = null_mut();
+    let mut len: c_int = 0;
+    // SAFETY: params are the core's for this call; s and len are set to
+    // the parameter's bytes, valid for the call.
+    let rc =
+        unsafe { sys::get_mi_string_param(params, name.as_ptr() as *mut c_char, &mut s, &mut len) };
+    // SAFETY: as above.
+    (rc >= 0).then(|| unsafe { bytes(&str_ { s, len }) })
+}
+
+/// Which of an event's virtual subscriptions the caller means.
+enum Pick<'a> {
+    Index(usize),
+    Socket(&'a [u8]),
+}
+
+fn mi_hash(params: *const sys::mi_params_t, pick: Option<Pick<'_>>) -> *mut sys::mi_response_t {
+    let (Some(event), Some(value), Some(pick)) = (
+        mi_string(params, c"event"),
+        mi_string(params, c"value"),
+        pick,
+    ) else {
+        return mi_error(
+            400,
+            "event and value must be strings, and index a number from 0 or socket a string",
+        );
+    };
+    let list = match collect(Some(event)) {
+        Ok(list) => list,
+        Err(resp) => return resp,
+    };
+    let found = match pick {
+        Pick::Index(i) => list.get(i),
+        Pick::Socket(text) => {
+            let text = text.strip_prefix(b"virtual:").unwrap_or(text);
+            list.iter().find(|v| &v.socket[b"virtual:".len()..] == text)
+        }
+    };
+    let Some(v) = found else {
+        return mi_error(404, "no such virtual subscription of this event");
+    };
+    let Some(key) = &v.key else {
+        return mi_error(
+            400,
+            &format!("'{}' is not a HASH subscription", socket::quote(&v.socket)),
+        );
+    };
+    let digest = policy::digest(value);
+    let seeds: Vec<u64> = v.subscribers.iter().map(|s| s.seed).collect();
+    let order = policy::hash_order(digest, &seeds);
+    let skipped = |i: &usize| matches!(v.subscribers[*i].state, State::Skipped { .. });
+    // as the walk offers it now: the healthy ones in order, then the
+    // skipped ones in order
+    let attempts: Vec<usize> = order
+        .iter()
+        .filter(|i| !skipped(i))
+        .chain(order.iter().filter(|i| skipped(i)))
+        .copied()
+        .collect();
+    let mut root: *mut sys::mi_item_t = null_mut();
+    // SAFETY: builds a new response; root is set to its top object.
+    let resp = unsafe { sys::init_mi_result_object(&mut root) };
+    if resp.is_null() {
+        return null_mut();
+    }
+    let render = || -> Result<(), MiFull> {
+        let o = MiItem(root);
+        let wall_ms = wall_ms();
+        o.string("event", &v.event)?;
+        o.string("socket", &v.socket)?;
+        o.string("key", key)?;
+        o.string("value", value)?;
+        o.string("digest", format!("{digest:#018x}").as_bytes())?;
+        o.string("target", &v.subscribers[attempts[0]].socket)?;
+        o.number("target_index", attempts[0] as f64)?;
+        let tries = o.array("Attempts")?;
+        for &i in &attempts {
+            let so = tries.element()?;
+            so.number("index", i as f64)?;
+            so.string("socket", &v.subscribers[i].socket)?;
+        }
+        let ranks = o.array("Order")?;
+        for &i in &order {
+            let s = &v.subscribers[i];
+            let so = ranks.element()?;
+            so.number("index", i as f64)?;
+            so.string("socket", &s.socket)?;
+            let score = policy::score(s.seed, digest);
+            so.string("score", format!("{score:#018x}").as_bytes())?;
+            render_state(&so, s.state, wall_ms)?;
+        }
+        Ok(())
+    };
+    if render().is_err() {
+        // SAFETY: the response is ours and unsent.
+        unsafe { sys::free_mi_response(resp) };
+        return mi_error(500, "out of memory building the answer");
+    }
+    resp
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn evv_rs_mi_hash_index(
+    params: *const sys::mi_params_t,
+    _async_hdl: *mut sys::mi_handler,
+) -> *mut sys::mi_response_t {
+    entry("event_virtual_hash", null_mut(), || {
+        let mut index: c_int = -1;
+        // SAFETY: params are the core's for this call.
+        let rc =
+            unsafe { sys::get_mi_int_param(params, c"index".as_ptr() as *mut c_char, &mut index) };
+        let pick = (rc >= 0)
+            .then(|| usize::try_from(index).ok())
+            .flatten()
+            .map(Pick::Index);
+        mi_hash(params, pick)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn evv_rs_mi_hash_socket(
+    params: *const sys::mi_params_t,
+    _async_hdl: *mut sys::mi_handler,
+) -> *mut sys::mi_response_t {
+    entry("event_virtual_hash", null_mut(), || {
+        mi_hash(params, mi_string(params, c"socket").map(Pick::Socket))
     })
 }

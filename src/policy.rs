@@ -309,7 +309,7 @@ impl Walk {
             let k = self.step;
             self.step += 1;
             let i = if self.hashed {
-                if k % n == 0 {
+                if k.is_multiple_of(n) {
                     self.cursor = TOP;
                 }
                 let i = next_rank(self.digest, subs, self.cursor);

@@ -46,6 +46,7 @@ const stat_export_t evv_stats[] = {
 	{"events_failed", 0, &evv_stat_vars[EVV_ST_FAILED]},
 	{"events_incomplete", 0, &evv_stat_vars[EVV_ST_INCOMPLETE]},
 	{"failovers", 0, &evv_stat_vars[EVV_ST_FAILOVERS]},
+	{"events_unkeyed", 0, &evv_stat_vars[EVV_ST_UNKEYED]},
 	{0, 0, 0}
 };
 
@@ -54,6 +55,12 @@ const mi_export_t evv_mi_cmds[] = {
 		"subscribers' health and counters", 0, 0, {
 		{evv_rs_mi_list, {0}},
 		{evv_rs_mi_list_event, {"event", 0}},
+		{EMPTY_MI_RECIPE}}
+	},
+	{"event_virtual_hash", "where a value of a HASH subscription's "
+		"parameter goes now, and the order it would fail over in", 0, 0, {
+		{evv_rs_mi_hash_index, {"event", "index", "value", 0}},
+		{evv_rs_mi_hash_socket, {"event", "socket", "value", 0}},
 		{EMPTY_MI_RECIPE}}
 	},
 	{EMPTY_MI_EXPORT}
@@ -136,6 +143,31 @@ void evv_stat_add(int which, unsigned long n)
 {
 	if (which >= 0 && which < EVV_ST_NUM && evv_stat_vars[which])
 		update_stat(evv_stat_vars[which], n);
+}
+
+int evv_param_value(const evi_params_t *params, const char *name,
+	int name_len, const char **s, int *len, int *n)
+{
+	evi_param_p p;
+
+	if (!params)
+		return EVV_PARAM_NONE;
+	for (p = params->first; p; p = p->next) {
+		if (!p->name.s || p->name.len != name_len ||
+				memcmp(p->name.s, name, name_len))
+			continue;
+		if (p->flags & EVI_STR_VAL) {
+			*s = p->val.s.s;
+			*len = p->val.s.len;
+			return EVV_PARAM_STR;
+		}
+		if (p->flags & EVI_INT_VAL) {
+			*n = p->val.n;
+			return EVV_PARAM_INT;
+		}
+		return EVV_PARAM_NONE;
+	}
+	return EVV_PARAM_NONE;
 }
 
 /* the core's events; no header declares them */
