@@ -1298,16 +1298,13 @@ fn mi_hash(params: *const sys::mi_params_t, pick: Option<Pick<'_>>) -> *mut sys:
     };
     let digest = policy::digest(value);
     let seeds: Vec<u64> = v.subscribers.iter().map(|s| s.seed).collect();
-    let order = policy::hash_order(digest, &seeds);
-    let skipped = |i: &usize| matches!(v.subscribers[*i].state, State::Skipped { .. });
-    // as the walk offers it now: the healthy ones in order, then the
-    // skipped ones in order
-    let attempts: Vec<usize> = order
+    let skipped: Vec<bool> = v
+        .subscribers
         .iter()
-        .filter(|i| !skipped(i))
-        .chain(order.iter().filter(|i| skipped(i)))
-        .copied()
+        .map(|s| matches!(s.state, State::Skipped { .. }))
         .collect();
+    let order = policy::hash_order(digest, &seeds);
+    let attempts = policy::hash_attempts(digest, &seeds, &skipped);
     let mut root: *mut sys::mi_item_t = null_mut();
     // SAFETY: builds a new response; root is set to its top object.
     let resp = unsafe { sys::init_mi_result_object(&mut root) };

@@ -461,6 +461,17 @@ pub fn hash_order(digest: u64, seeds: &[u64]) -> Vec<usize> {
     order
 }
 
+/// The order a HASH event with this digest is offered in now, given which
+/// subscribers are inside their failover window (`skipped`): the others in
+/// rendezvous order, then those, in rendezvous order.
+pub fn hash_attempts(digest: u64, seeds: &[u64], skipped: &[bool]) -> Vec<usize> {
+    let order = hash_order(digest, seeds);
+    let (mut first, later): (Vec<usize>, Vec<usize>) =
+        order.into_iter().partition(|&i| !skipped[i]);
+    first.extend(later);
+    first
+}
+
 /// The decimal text of an integer parameter, which is what HASH hashes
 /// (so 42 and "42" land together); written into `buf`, no allocation.
 pub fn int_text(n: i32, buf: &mut [u8; 11]) -> &[u8] {
@@ -1012,6 +1023,8 @@ mod tests {
                 .chain(order.iter().copied().filter(|&i| down[i]))
                 .collect();
             assert_eq!(f.tried, expected, "value {value}");
+            let d = digest(value.as_bytes());
+            assert_eq!(hash_attempts(d, &seeds, &down), expected);
         }
     }
 

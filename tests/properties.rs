@@ -5,7 +5,8 @@
 use std::sync::atomic::AtomicU64;
 
 use event_virtual::policy::{
-    Attempt, Driver, Health, Progress, Rules, Transition, Walk, deliver, digest, hash_order, seeds,
+    Attempt, Driver, Health, Progress, Rules, Transition, Walk, deliver, digest, hash_attempts,
+    hash_order, seeds,
 };
 use event_virtual::socket::{
     MAX_SUBSCRIBERS, ParseError, Parsed, Policy, Transports, open_subscribers, parse, print_into,
@@ -693,6 +694,26 @@ proptest! {
         let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
         let order = place(&subs, &value, &vec![false; toks.len()], 10);
         prop_assert_eq!(order, hash_order(digest(&value), &s));
+    }
+
+    #[test]
+    fn hash_offers_healthy_ones_first_as_hash_attempts_says(
+        toks in distinct_tokens(),
+        value in prop::collection::vec(any::<u8>(), 0..40),
+        down in prop::collection::vec(any::<bool>(), 9),
+    ) {
+        let n = toks.len();
+        let subs = seeded(&toks);
+        let skipped = &down[..n];
+        // fail the "down" ones now: they are inside their window after
+        for (i, &d) in skipped.iter().enumerate() {
+            if d {
+                subs[i].0.record(false, 5);
+            }
+        }
+        let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+        let order = place(&subs, &value, &vec![false; n], 10);
+        prop_assert_eq!(order, hash_attempts(digest(&value), &s, skipped));
     }
 
     #[test]
