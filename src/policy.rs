@@ -418,7 +418,8 @@ pub fn seed(token: &[u8], occurrence: u32) -> u64 {
 }
 
 /// The seeds of a socket's subscribers, in list order: a token listed
-/// twice gets two seeds, and so weighs double.
+/// twice gets two seeds, and so weighs double.  Computed (and allocated)
+/// once, when the socket is built; a raise only reads them.
 pub fn seeds(tokens: &[&[u8]]) -> Vec<u64> {
     let mut seen: std::collections::HashMap<&[u8], u32> = std::collections::HashMap::new();
     tokens
@@ -453,7 +454,8 @@ fn next_rank<S: AsRef<Health>>(digest: u64, subs: &[S], cursor: (u64, u32)) -> u
 }
 
 /// The rendezvous order of a value over subscribers with these seeds:
-/// indexes, best first.  A HASH event with this digest is offered to the
+/// indexes, best first.  (For the operator's view and the tests: it
+/// allocates.  The walk itself finds each next rank in place.)  A HASH event with this digest is offered to the
 /// healthy ones in this order, then to the skipped ones in this order.
 pub fn hash_order(digest: u64, seeds: &[u64]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..seeds.len()).collect();
