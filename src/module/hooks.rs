@@ -37,7 +37,14 @@ impl Hooks for Virtual {
         let (Some(a), Some(b)) = (SockRef::of(a), SockRef::of(b)) else {
             return false;
         };
-        socket::same_subscription(a.policy, &a.tokens(), b.policy, &b.tokens())
+        socket::same_socket(
+            a.policy,
+            a.key(),
+            &a.tokens(),
+            b.policy,
+            b.key(),
+            &b.tokens(),
+        )
     }
 
     fn free(sock: CoreSock<'_>) {

@@ -21,7 +21,7 @@ EVENT_POOL = [f"E_T{i}" for i in range(40)]
 
 # the statistics the module must show under event_virtual:
 VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomplete",
-                 "failovers")
+                 "failovers", "events_unkeyed")
 
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
 # in the worker that handles it, with params tag (X-Tag), i (loop index)
