@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from evvharness import MIError, assert_quiet, crash_lines, raise_one, virtual, wait_until
+from evvharness import (MIError, assert_quiet, crash_lines, raise_one, sweep, virtual,
+                        wait_until)
 from evvharness.receivers import FlatstoreReceiver, UnixReceiver
 
 WINDOW_S = 2
@@ -350,22 +351,28 @@ def test_mi_event_virtual_hash_and_list(srv, recv):
 def test_hash_sockets_match_on_key_and_order(srv, recv):
     a, b = recv.udp(2)
     ev = srv.new_event()
+    sentinel = recv.udp()
+    srv.subscribe(ev, sentinel.socket)
     h = virtual("HASH(tag)", a, b)
     srv.subscribe(ev, h)
     srv.subscribe(ev, "virtual:HASH(tag) \t" + a.socket + "  " + b.socket)  # a refresh
-    assert srv.subscribers(ev) == [h]
+
+    def listed():
+        return sorted(s for s in srv.subscribers(ev) if s != sentinel.socket)
+    assert listed() == [h]
     others = [virtual("HASH(aor)", a, b), virtual("HASH(tag)", b, a),
               virtual("FAILOVER", a, b), virtual("ROUND-ROBIN", a, b)]
     for o in others:
         srv.subscribe(ev, o)
-    assert sorted(srv.subscribers(ev)) == sorted([h] + others)
+    assert listed() == sorted([h] + others)
     srv.unsubscribe(ev, h)
-    # an unsubscribed one goes at the core's next expiry sweep
-    wait_until(lambda: sorted(srv.subscribers(ev)) == sorted(others), 3,
-               "the unsubscribed HASH(tag) one to go", interval=0.1)
+    # an unsubscribed one goes at the core's next raise (see sweep)
+    sweep(srv, {ev: sentinel}, time.time())
+    assert listed() == sorted(others), "the unsubscribed HASH(tag) one is still listed"
     for o in others:
         srv.unsubscribe(ev, o)
-    wait_until(lambda: srv.subscribers(ev) == [], 3, "all to go", interval=0.1)
+    sweep(srv, {ev: sentinel}, time.time())
+    assert listed() == [], "unsubscribed ones are still listed"
 
 
 MALFORMED = [
@@ -490,7 +497,8 @@ def test_hash_churn_under_load(own_srv, recv):
 
     # exactly what was left is listed (the core's EVI_PENDING race may keep
     # an unsubscribed or expired one listed as expired: unsubscribe it again)
-    time.sleep(2.5)
+    sentinels = {ev: sentinel}
+    sweep(srv, sentinels, time.time(), 1)
     want = {text(k) for k in live} | {perm_sock}
 
     def virtual_listed():
@@ -498,10 +506,12 @@ def test_hash_churn_under_load(own_srv, recv):
     listed = virtual_listed()
     for s in set(listed) - want:
         srv.unsubscribe(ev, s)
+    sweep(srv, sentinels, time.time())
     wait_until(lambda: set(virtual_listed()) == want, 5, "the listing to match")
     assert all(c == 1 for c in virtual_listed().values())
     for k in live:
         srv.unsubscribe(ev, text(k))
+    sweep(srv, sentinels, time.time())
     wait_until(lambda: set(virtual_listed()) == {perm_sock}, 5, "the churned ones to go")
     wait_until(lambda: abs(srv.shm_used() - shm0) <= 64 * 1024 or None, 5,
                f"shmem:used_size to return ({shm0} before)")
