@@ -913,7 +913,9 @@ def main():
         raise SystemExit(f"bench: module under test {EVV_MODULE} not found: run `make` "
                          f"or set EVV_MODULE")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell without job control starts background commands
+    # with SIGINT ignored, and Python then keeps it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     cmd = (f"OPENSIPS_SRC={OPENSIPS_SRC} EVV_MODULE={EVV_MODULE} "
            f"{shlex.join([Path(sys.executable).name] + sys.argv)}")
