@@ -82,6 +82,15 @@ class Row:
     def event(self):
         return f"B_{self.key}"
 
+    @property
+    def events(self):
+        """A direct row over n > 1 subscribers subscribes n events, one
+        each, and the script raises them in turn: the transport's work of a
+        ROUND-ROBIN x n without the virtual layer."""
+        if self.policy is None and self.n > 1:
+            return [self.event] + [f"{self.event}_{i}" for i in range(1, self.n)]
+        return [self.event]
+
 
 RR, FO, PAR = "ROUND-ROBIN", "FAILOVER", "PARALLEL"
 ROWS = [
@@ -103,17 +112,22 @@ ROWS = [
     Row("scale", "RR_DEAD", "ROUND-ROBIN x3, 1 dead, no params", "udp+dead", RR, 3, False,
         "RR_2", target=0.9),
     Row("async", "SD", "direct event_stream, 2 params", "stream", params=True),
+    Row("async", "SD2", "direct event_stream x2 in turn, 2 params", "stream", None, 2, True,
+        "SD"),
     Row("async", "SFO", "FAILOVER x2 event_stream, 2 params", "stream", FO, 2, True, "SD",
         target=0.9),
     Row("async", "SRR", "ROUND-ROBIN x2 event_stream, 2 params", "stream", RR, 2, True, "SD",
         target=0.9),
     Row("rabbitmq", "QD", "direct RabbitMQ, 2 params", "rmq", params=True),
+    Row("rabbitmq", "QD2", "direct RabbitMQ x2 in turn, 2 params", "rmq", None, 2, True, "QD"),
     Row("rabbitmq", "QFO", "FAILOVER x2 RabbitMQ, 2 params", "rmq", FO, 2, True, "QD",
         target=0.9),
     Row("rabbitmq", "QRR", "ROUND-ROBIN x2 RabbitMQ, 2 params", "rmq", RR, 2, True, "QD",
         target=0.9),
 ]
 BY_KEY = {r.key: r for r in ROWS}
+# ratios printed under the tables besides each row's own: (row, compared to)
+DERIVED = [("SRR", "SD2"), ("QRR", "QD2")]
 ASYNC = ("stream", "rmq")
 
 # distinct UDP sinks per row; longer lists repeat them (a list may repeat tokens)
@@ -270,10 +284,11 @@ route {{
 CASE = """\
         case "{ev}":
             while ($var(i) < $var(n)) {{
-                raise_event("{ev}"{args});
-                $var(i) = $var(i) + 1;
+{raises}
+                $var(i) = $var(i) + {step};
             }}
             break;"""
+RAISE = """                raise_event("{ev}"{args});"""
 
 
 class BenchOpenSips(OpenSips):
@@ -286,8 +301,11 @@ class BenchOpenSips(OpenSips):
         self.rabbitmq = rabbitmq
 
     def _write_cfg(self):
-        cases = "\n".join(CASE.format(ev=r.event, args=", $avp(evk), $avp(evv)" if r.params
-                                      else "") for r in self.rows)
+        def case(r):
+            args = ", $avp(evk), $avp(evv)" if r.params else ""
+            return CASE.format(ev=r.event, step=len(r.events), raises="\n".join(
+                RAISE.format(ev=e, args=args) for e in r.events))
+        cases = "\n".join(case(r) for r in self.rows)
         rmq = ('loadmodule "event_rabbitmq.so"\n'
                'modparam("event_rabbitmq", "connect_timeout", 500)\n' if self.rabbitmq else "")
         cfg = BENCH_CFG.format(
@@ -362,8 +380,8 @@ class RpcServer:
     def listen(self):
         return f"tcp:127.0.0.1:{self._cmd('listen')}"
 
-    def count(self, event):
-        return json.loads(self._cmd("counts")).get(event, 0)
+    def counts(self):
+        return json.loads(self._cmd("counts"))
 
     def close(self):
         if self.proc.poll() is None:
@@ -454,11 +472,18 @@ class Subscribers:
         self.sinks.append(s)
         return f"udp:127.0.0.1:{s.getsockname()[1]}"
 
-    def socket_for(self, row):
+    def sockets_for(self, row):
+        """One socket per event of the row (Row.events)."""
+        if len(row.events) > 1:
+            one = Row(row.group, row.key, row.label, row.transport)
+            return [self.socket_for(one, ev) for ev in row.events]
+        return [self.socket_for(row, row.event)]
+
+    def socket_for(self, row, event):
         if row.transport == "stream":
             subs = [self.rpc.listen() for _ in range(row.n)]
         elif row.transport == "rmq":
-            subs = [self.broker.socket(row.event, i) for i in range(row.n)]
+            subs = [self.broker.socket(event, i) for i in range(row.n)]
         else:
             distinct = [self.udp() for _ in range(min(row.n, MAX_DISTINCT_SINKS))]
             subs = [distinct[i % len(distinct)] for i in range(row.n)]
@@ -468,8 +493,10 @@ class Subscribers:
 
     def delivered(self, row):
         """Events of the row the subscribers got so far (async rows)."""
-        return self.rpc.count(row.event) if row.transport == "stream" \
-            else self.broker.count(row.event)
+        if row.transport == "stream":
+            counts = self.rpc.counts()
+            return sum(counts.get(ev, 0) for ev in row.events)
+        return sum(self.broker.count(ev) for ev in row.events)
 
     def close(self):
         for s in self.sinks:
@@ -557,17 +584,19 @@ class Runner:
 
     def measure(self, row, count, retries=5):
         """(rate, CPU figure) of one measurement, or (None, reason)."""
+        step = len(row.events)
+        count = -(-count // step) * step  # the script raises them in turn
         for _ in range(retries):
             before = self._before(row)
             wcpu0 = cpu_ns(self.worker_pids)
             acpu0 = cpu_ns(self.all_pids)
             t0, t1, pids = self.once(row.event, count)
-            if len(set(pids)) != self.workers:
-                log(f"  ({row.key}: replies from pids {pids}: not one request per worker, again)")
-                if row.transport in ASYNC:
-                    self._settle(row, before, None)
-                continue
             total = self.workers * count
+            # asynchronous rows count deliveries and the CPU of every
+            # process: which worker raised does not matter
+            if len(set(pids)) != self.workers and row.transport not in ASYNC:
+                log(f"  ({row.key}: replies from pids {pids}: not one request per worker, again)")
+                continue
             if row.transport in ASYNC:
                 t_end, why = self._settle(row, before, total)
                 if why:
@@ -588,7 +617,8 @@ class Runner:
         if row.transport not in ASYNC:
             return None
         if row.transport == "rmq":
-            self.subs.broker.purge(row.event)
+            for ev in row.events:
+                self.subs.broker.purge(ev)
         stats = self.srv.virtual_stats() if self.ours and row.policy else None
         return self.subs.delivered(row), stats
 
@@ -599,14 +629,12 @@ class Runner:
         while True:
             got = self.subs.delivered(row) - got0
             now = time.perf_counter()
-            if total is not None and got >= total:
+            if got >= total:
                 t_end = now
                 break
             if got != last:
                 last, t_last = got, time.monotonic()
-            elif time.monotonic() - t_last > (0.5 if total is None else stall):
-                if total is None:
-                    return None, None
+            elif time.monotonic() - t_last > stall:
                 return None, f"{got} of {total} delivered"
             time.sleep(0.002)
         if got > total:
@@ -633,69 +661,115 @@ class Runner:
         self.sock.close()
 
 
-def run_server(label, module, rows, args, workdir, reaper, rpc, broker):
-    """One OpenSIPS with `module`: subscribe every row (measuring shared
-    memory), warm up, size, then measure in rounds. Returns
-    {key: {"rate": [...], "cpu": [...], "shm": bytes, "error": str}}."""
-    srv = BenchOpenSips(workdir, module, rows, args, rabbitmq=broker is not None)
-    subs = Subscribers(workdir, rpc, broker)
-    out = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None} for r in rows}
-    runner = None
-    try:
-        log(f"[{label}] starting OpenSIPS with {module}")
-        srv.start()
-        reaper.tell("pgid", srv.proc.pid)
-        live = []
-        for r in rows:
-            sock = subs.socket_for(r)
+class ServerRun:
+    """One OpenSIPS with one module: subscribes every row (measuring shared
+    memory), warms up and sizes the rows, then measures a row at a time.
+    results: {key: {"rate": [...], "cpu": [...], "shm": bytes, "error": str}}."""
+
+    def __init__(self, label, module, rows, args, workdir, reaper, rpc, broker):
+        self.label = label
+        self.module = module
+        self.rows = rows
+        self.args = args
+        self.reaper = reaper
+        self.srv = BenchOpenSips(workdir, module, rows, args, rabbitmq=broker is not None)
+        self.subs = Subscribers(workdir, rpc, broker)
+        self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
+                                "lost": []} for r in rows}
+        self.runner = None
+        self.counts = {}
+
+    def start(self):
+        log(f"[{self.label}] starting OpenSIPS with {self.module}")
+        self.srv.start()
+        self.reaper.tell("pgid", self.srv.proc.pid)
+        for r in self.rows:
             try:
-                used0 = srv.shm_used()
-                srv.subscribe(r.event, sock)
-                out[r.key]["shm"] = srv.shm_used() - used0
-                live.append(r)
+                used0 = self.srv.shm_used()
+                for ev, sock in zip(r.events, self.subs.sockets_for(r)):
+                    self.srv.subscribe(ev, sock)
+                self.results[r.key]["shm"] = self.srv.shm_used() - used0
             except Exception as e:  # an MI error: this module refuses it
                 if isinstance(e, (KeyboardInterrupt, Interrupted)):
                     raise
-                out[r.key]["error"] = f"subscribe failed: {e}"
-                log(f"[{label}] {r.key}: {out[r.key]['error']}")
-        runner = Runner(srv, subs, args.workers, ours=(label == "ours"))
-        # warm-up (lazy init, page faults; the first one tells the worker
-        # pids), then size each synchronous row to last about --seconds
-        counts = {}
-        for r in live:
+                self.fail(r, f"subscribe failed: {e}")
+        self.runner = Runner(self.srv, self.subs, self.args.workers,
+                             ours=(self.label == "ours"))
+
+    def fail(self, row, why):
+        self.results[row.key]["error"] = why
+        log(f"[{self.label}] {row.key}: {why}: row dropped")
+
+    def live(self, row):
+        return not self.results[row.key]["error"]
+
+    def warm_up(self):
+        """Lazy init, page faults; the first measurement tells the worker
+        pids. Synchronous rows are sized to last about --seconds."""
+        for r in self.rows:
+            if not self.live(r):
+                continue
             if r.transport in ASYNC:
-                runner.measure(r, max(1, args.async_events // 10))
-                counts[r.key] = args.async_events
+                n = self.args.async_events
+                rate, why = self.runner.measure(r, max(2, n // 10))
+                if rate is None:
+                    self.fail(r, f"warm-up: {why}")
+                self.counts[r.key] = n
                 continue
             n = 2000
             for _ in range(2):
-                rate, _ = runner.measure(r, n)
-                n = int(min(max(rate * args.seconds / args.workers, 1000), 10_000_000))
-            counts[r.key] = n
-        for rnd in range(args.rounds):
-            k = rnd % len(live) if live else 0
-            for r in live[k:] + live[:k]:
-                if out[r.key]["error"]:
-                    continue
-                rate, cpu = runner.measure(r, counts[r.key])
-                if rate is None:
-                    out[r.key]["error"] = f"round {rnd + 1}: {cpu}"
-                    log(f"[{label}] {r.key}: {cpu}: row dropped")
-                    continue
-                out[r.key]["rate"].append(rate)
-                out[r.key]["cpu"].append(cpu)
-            log(f"[{label}] round {rnd + 1}/{args.rounds}: " + ", ".join(
-                f"{r.key} {out[r.key]['rate'][-1]:,.0f}/s" for r in live if out[r.key]["rate"]))
-        srv._check_running()
-        errors = srv.log.errors_since(0)
+                rate, _ = self.runner.measure(r, n)
+                n = int(min(max(rate * self.args.seconds / self.args.workers, 1000), 10_000_000))
+            self.counts[r.key] = n
+
+    def measure(self, row, rnd):
+        if not self.live(row):
+            return
+        rate, cpu = self.runner.measure(row, self.counts[row.key])
+        if rate is None:  # an asynchronous transport lost events: not a figure
+            self.results[row.key]["lost"].append(f"round {rnd + 1}: {cpu}")
+            log(f"[{self.label}] {row.key}: round {rnd + 1}: {cpu}: round left out")
+            return
+        self.results[row.key]["rate"].append(rate)
+        self.results[row.key]["cpu"].append(cpu)
+
+    def round_log(self, rnd):
+        log(f"[{self.label}] round {rnd + 1}/{self.args.rounds}: " + ", ".join(
+            f"{r.key} {self.results[r.key]['rate'][-1]:,.0f}/s" for r in self.rows
+            if self.live(r) and self.results[r.key]["rate"]))
+
+    def finish(self):
+        self.srv._check_running()
+        errors = self.srv.log.errors_since(0)
         if errors:
-            log(f"[{label}] {len(errors)} ERROR line(s) in the OpenSIPS log, e.g.: {errors[0]}")
-        return out
-    finally:
-        if runner:
-            runner.close()
-        srv.stop()  # never unsubscribes: the C module crashes on that
-        subs.close()
+            log(f"[{self.label}] {len(errors)} ERROR line(s) in the OpenSIPS log, "
+                f"e.g.: {errors[0]}")
+
+    def stop(self):
+        if self.runner:
+            self.runner.close()
+        self.srv.stop()  # never unsubscribes: the C module crashes on that
+        self.subs.close()
+
+
+def run_all(runs, rows, args):
+    """Both servers run at once; every round measures each row (in rotating
+    order) on one server then on the other (alternating which goes first),
+    so that both see the same load."""
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.warm_up()
+    for rnd in range(args.rounds):
+        k = rnd % len(rows)
+        for i, r in enumerate(rows[k:] + rows[:k]):
+            order = runs if (rnd + i) % 2 == 0 else runs[::-1]
+            for run in order:
+                run.measure(r, rnd)
+        for run in runs:
+            run.round_log(rnd)
+    for run in runs:
+        run.finish()
 
 
 # --------------------------------------------------------------------------
@@ -740,7 +814,7 @@ def build_tables(rows, ours, c, stat):
         cunit = "CPU-µs/event" if is_async else "raises/CPU-s"
         head = ["row", "vs", f"ours {unit}", "ours ratio", f"ours {cunit}", "CPU ratio"]
         if c:
-            head += [f"C {unit}", "C ratio", "ours / C"]
+            head += [f"C {unit}", "C ratio", "C CPU ratio", "ours / C"]
         head += ["target", "met"]
         table = [head]
         for r in grows:
@@ -749,14 +823,15 @@ def build_tables(rows, ours, c, stat):
             vs = "" if not r.base else (BY_KEY[r.base].label.split(",")[0]
                                         + (f" / {r.share}" if r.share > 1 else ""))
             orat = ratio(ours, r, stat, "rate")
-            cells = [r.label, vs, fmt_rate(orate) if not o["error"] else "n/a",
+            cells = [r.label, vs, fmt_rate(orate) if orate else "n/a",
                      fmt_ratio(orat), (f"{ocpu:,.1f}" if is_async else fmt_rate(ocpu))
                      if ocpu else "-", fmt_ratio(ratio(ours, r, stat, "cpu"))]
             if c:
                 cc = c[r.key]
                 crate = med(cc["rate"], stat)
-                cells += [fmt_rate(crate) if not cc["error"] else "n/a",
+                cells += [fmt_rate(crate) if crate else "n/a",
                           fmt_ratio(ratio(c, r, stat, "rate")),
+                          fmt_ratio(ratio(c, r, stat, "cpu")),
                           fmt_ratio(orate / crate if orate and crate else None)]
             if r.target is None:
                 cells += ["", ""]
@@ -867,6 +942,21 @@ def report(args, rows, ours, c, facts, notes):
             out.append(f"- {k}: {'`' + v + '`' if k == 'command' else v}")
         else:
             out.append(f"{k + ':':13} {v}")
+    for key, base in DERIVED:
+        if key not in BY_KEY or key not in ours or base not in ours:
+            continue
+        r = BY_KEY[key]
+        parts = []
+        for name, res in (("ours", ours), ("C", c)):
+            if not res:
+                continue
+            a, b = med(res[key]["rate"], args.stat), med(res[base]["rate"], args.stat)
+            ca, cb = med(res[key]["cpu"], args.stat), med(res[base]["cpu"], args.stat)
+            if a and b:
+                parts.append(f"{name} {a / b:.2f} (CPU {cb / ca:.2f})")
+        if parts:
+            out.append(f"{'- ' if args.markdown else ''}{r.label.split(',')[0]} / "
+                       f"{BY_KEY[base].label.split(',')[0]}: " + ", ".join(parts))
     for n in notes:
         out.append(f"{'- ' if args.markdown else ''}note: {n}")
     print("\n".join(out))
@@ -889,8 +979,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=0.25,
                     help="length of one synchronous measurement; the raise count "
                          "per row is sized from the warm-up (default 0.25)")
-    ap.add_argument("--async-events", type=int, default=2000,
-                    help="events per worker per asynchronous measurement (default 2000)")
+    ap.add_argument("--async-events", type=int, default=1000,
+                    help="events per worker per asynchronous measurement (default 1000)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds, rows interleaved in each (default 5)")
     ap.add_argument("--stat", choices=("median", "best"), default="median",
@@ -943,15 +1033,23 @@ def main():
                 rows = [r for r in rows if r.transport != "rmq"]
         if any(r.transport == "stream" for r in rows):
             rpc = RpcServer(reaper)
-        ours = run_server("ours", EVV_MODULE.resolve(), rows, args, workdir / "ours",
-                          reaper, rpc, broker)
+        runs = [ServerRun("ours", EVV_MODULE.resolve(), rows, args, workdir / "ours",
+                          reaper, rpc, broker)]
         if args.no_c:
             c_note = "C module run skipped (--no-c)"
         elif C_MODULE.is_file():
-            c = run_server("C", C_MODULE, rows, args, workdir / "c", reaper, rpc, broker)
-            c_note = str(C_MODULE)
+            runs.append(ServerRun("C", C_MODULE, rows, args, workdir / "c", reaper, rpc,
+                                  broker))
+            c_note = f"{C_MODULE} (a second OpenSIPS, up at the same time, measured in turn)"
         else:
             c_note = f"not built at {C_MODULE}: no C columns"
+        try:
+            run_all(runs, rows, args)
+        finally:
+            for run in runs:
+                run.stop()
+        ours = runs[0].results
+        c = runs[1].results if len(runs) > 1 else None
     except (KeyboardInterrupt, Interrupted) as e:
         log(f"bench: interrupted ({e or 'Ctrl-C'}), stopping everything")
         raise SystemExit(130)
@@ -969,6 +1067,10 @@ def main():
         for r in rows:
             if res and res[r.key]["error"]:
                 notes.append(f"{name} {r.label}: {res[r.key]['error']}")
+            if res and res[r.key]["lost"]:
+                lost = res[r.key]["lost"]
+                notes.append(f"{name} {r.label}: {len(lost)} of {args.rounds} round(s) left "
+                             f"out, events lost by the transport ({'; '.join(lost)})")
 
     facts = [
         ("machine", f"nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, "
