@@ -2,7 +2,7 @@
 #
 #   make                      build ./event_virtual.so
 #   make test                 cargo tests, then the integration tests
-#   make bench                raises per second, this module and the C one
+#   make bench                what the virtual layer costs, this module and the C one
 #   make install              copy it into that OpenSIPS's modules folder
 #   make clean
 #
@@ -48,8 +48,8 @@ integration-test: build
 
 test: unit-test integration-test
 
-# raises per second side by side with the C module, when the tree has it
-# built; BENCH_ARGS="--workers 2 --events 8000 --rounds 5" are the defaults
+# rates and ratios: direct vs virtual, this module vs the C one when the tree has it
+# built; e.g. BENCH_ARGS="--only sync,scale --rounds 3" (bench/bench.py --help)
 bench: build
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) bench/bench.py $(BENCH_ARGS)
 
