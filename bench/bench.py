@@ -756,6 +756,9 @@ class ServerRun:
         self.subs.close()
 
 
+LOAD_SEEN = []  # 1-minute load average after each round
+
+
 def run_all(runs, rows, args):
     """Both servers run at once; every round measures each row (in rotating
     order) on one server then on the other (alternating which goes first),
@@ -772,6 +775,7 @@ def run_all(runs, rows, args):
                 run.measure(r, rnd)
         for run in runs:
             run.round_log(rnd)
+        LOAD_SEEN.append(float(loadavg().split()[0]))
     for run in runs:
         run.finish()
 
@@ -1081,7 +1085,11 @@ def main():
     facts = [
         ("machine", f"nproc {len(os.sched_getaffinity(0))}, {cpu_model()}, "
                     f"{platform.system()} {platform.release()}"),
-        ("load average", f"{load_before} before, {loadavg()} after"),
+        ("load average", f"{load_before} before, {loadavg()} after; 1-minute load after "
+                         f"each round: min {min(LOAD_SEEN, default=0):.2f}, median "
+                         f"{statistics.median(LOAD_SEEN or [0]):.2f}, max "
+                         f"{max(LOAD_SEEN, default=0):.2f} (the bench's own 2 workers "
+                         f"count for up to 2)"),
         ("OpenSIPS", f"{opensips_version()} ({OPENSIPS_SRC})"),
         ("module", str(EVV_MODULE.resolve())),
         ("C module", c_note),
