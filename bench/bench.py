@@ -682,6 +682,7 @@ class ServerRun:
                                 "lost": []} for r in rows}
         self.runner = None
         self.counts = {}
+        self.dead = None  # why this server is no longer measured
 
     def start(self):
         log(f"[{self.label}] starting OpenSIPS with {self.module}")
@@ -759,6 +760,22 @@ class ServerRun:
 LOAD_SEEN = []  # 1-minute load average after each round
 
 
+def guarded(run, what, *a):
+    """Run one step of a server; a server that dies (the C module crashes
+    now and then) or stops answering is reported and left out, the other
+    one goes on."""
+    if run.dead:
+        return
+    try:
+        getattr(run, what)(*a)
+    except (AssertionError, SystemExit) as e:  # the harness's ServerDied, no reply
+        lines = str(e).splitlines()
+        crash = [l for l in lines if "segfault" in l or "CRITICAL" in l]
+        run.dead = f"{what}: {(crash or lines or ['?'])[0]}"
+        log(f"[{run.label}] server lost during {what}: {lines[:2]}; its remaining rows "
+            f"are left out")
+
+
 def run_all(runs, rows, args):
     """Both servers run at once; every round measures each row (in rotating
     order) on one server then on the other (alternating which goes first),
@@ -766,18 +783,19 @@ def run_all(runs, rows, args):
     for run in runs:
         run.start()
     for run in runs:
-        run.warm_up()
+        guarded(run, "warm_up")
     for rnd in range(args.rounds):
         k = rnd % len(rows)
         for i, r in enumerate(rows[k:] + rows[:k]):
             order = runs if (rnd + i) % 2 == 0 else runs[::-1]
             for run in order:
-                run.measure(r, rnd)
+                guarded(run, "measure", r, rnd)
         for run in runs:
-            run.round_log(rnd)
+            if not run.dead:
+                run.round_log(rnd)
         LOAD_SEEN.append(float(loadavg().split()[0]))
     for run in runs:
-        run.finish()
+        guarded(run, "finish")
 
 
 # --------------------------------------------------------------------------
@@ -1060,6 +1078,10 @@ def main():
                 run.stop()
         ours = runs[0].results
         c = runs[1].results if len(runs) > 1 else None
+        for run in runs:
+            if run.dead:
+                notes.append(f"the {run.label} OpenSIPS was lost ({run.dead}); rows not "
+                             f"measured by then show n/a or fewer rounds")
     except (KeyboardInterrupt, Interrupted) as e:
         log(f"bench: interrupted ({e or 'Ctrl-C'}), stopping everything")
         raise SystemExit(130)
