@@ -267,7 +267,7 @@ modparam("event_virtual", "failover_timeout", {failover_timeout})
 
 # "X-Event: B_x" + "X-Count: N": raise B_x N times in this worker (with
 # params tag, pid - set once, outside the loop - or none), then reply
-# "200 done <pid> <raises>".
+# "200 done <pid> <raises> <raises that returned an error>".
 route {{
     if ($hdr(X-Event) == NULL)
         exit;
@@ -277,10 +277,11 @@ route {{
     $avp(evk) = "pid";
     $avp(evv) := $hdr(X-Tag);
     $avp(evv) = $pp;
+    $var(f) = 0;
     switch ($hdr(X-Event)) {{
 {cases}
     }}
-    sl_send_reply(200, "done $pp $var(i)");
+    sl_send_reply(200, "done $pp $var(i) $var(f)");
     exit;
 }}
 """
@@ -292,7 +293,8 @@ CASE = """\
                 $var(i) = $var(i) + {step};
             }}
             break;"""
-RAISE = """                raise_event("{ev}"{args});"""
+RAISE = """                if (!raise_event("{ev}"{args}))
+                    $var(f) = $var(f) + 1;"""
 
 
 class BenchOpenSips(OpenSips):
@@ -543,6 +545,8 @@ class Runner:
         self.seq = 0
         self.worker_pids = set()
         self.all_pids = srv.pids()
+        self.raised = {}  # event -> raises so far, warm-up included
+        self.failed = {}  # event -> raises that returned an error
 
     def once(self, event, count, timeout=120):
         """(t0, time of the last reply, worker pids that answered)."""
@@ -577,13 +581,15 @@ class Runner:
             if cseq not in wanted:
                 continue  # a late reply of an earlier request
             wanted.discard(cseq)
-            parts = lines[0].split(" ")  # SIP/2.0 200 done <pid> <raises>
-            if not lines[0].startswith("SIP/2.0 200 done ") or len(parts) != 5:
+            parts = lines[0].split(" ")  # SIP/2.0 200 done <pid> <raises> <failed>
+            if not lines[0].startswith("SIP/2.0 200 done ") or len(parts) != 6:
                 raise SystemExit(f"bench: unexpected reply {lines[0]!r}")
             if int(parts[4]) != count:
                 raise SystemExit(f"bench: worker {parts[3]} raised {parts[4]} times, "
                                  f"not {count}; log {self.srv.log.path}")
             pids.append(int(parts[3]))
+            self.raised[event] = self.raised.get(event, 0) + count
+            self.failed[event] = self.failed.get(event, 0) + int(parts[5])
         return t0, t1, pids
 
     def measure(self, row, count, retries=5):
@@ -744,6 +750,9 @@ class ServerRun:
             if self.live(r) and self.results[r.key]["rate"]))
 
     def finish(self):
+        for r in self.rows:
+            self.results[r.key]["raised"] = self.runner.raised.get(r.event, 0)
+            self.results[r.key]["failed"] = self.runner.failed.get(r.event, 0)
         self.srv._check_running()
         errors = self.srv.log.errors_since(0)
         if errors:
@@ -812,6 +821,11 @@ def fmt_rate(v):
     return "-" if v is None else f"{v:,.0f}"
 
 
+def bang(res):
+    """A mark on a rate when more than 1% of its raises returned an error."""
+    return " !" if res.get("failed", 0) > 0.01 * max(res.get("raised", 0), 1) else ""
+
+
 def fmt_ratio(v):
     return "-" if v is None else f"{v:.2f}"
 
@@ -849,13 +863,13 @@ def build_tables(rows, ours, c, stat):
             vs = "" if not r.base else (BY_KEY[r.base].label.split(",")[0]
                                         + (f" / {r.share}" if r.share > 1 else ""))
             orat = ratio(ours, r, stat, "rate")
-            cells = [r.label, vs, fmt_rate(orate) if orate else "n/a",
+            cells = [r.label, vs, (fmt_rate(orate) + bang(o)) if orate else "n/a",
                      fmt_ratio(orat), (f"{ocpu:,.1f}" if is_async else fmt_rate(ocpu))
                      if ocpu else "-", fmt_ratio(ratio(ours, r, stat, "cpu"))]
             if c:
                 cc = c[r.key]
                 crate = med(cc["rate"], stat)
-                cells += [fmt_rate(crate) if crate else "n/a",
+                cells += [(fmt_rate(crate) + bang(cc)) if crate else "n/a",
                           fmt_ratio(ratio(c, r, stat, "rate")),
                           fmt_ratio(ratio(c, r, stat, "cpu")),
                           fmt_ratio(orate / crate if orate and crate else None)]
@@ -1099,6 +1113,11 @@ def main():
         for r in rows:
             if res and res[r.key]["error"]:
                 notes.append(f"{name} {r.label}: {res[r.key]['error']}")
+            failed, raised = res[r.key].get("failed", 0) if res else 0, \
+                res[r.key].get("raised", 0) if res else 0
+            if failed:
+                notes.append(f"{name} {r.label}: raise_event returned an error for {failed:,} "
+                             f"of {raised:,} raises (rates marked !)")
             if res and res[r.key]["lost"]:
                 lost = res[r.key]["lost"]
                 notes.append(f"{name} {r.label}: {len(lost)} measurement(s) left out, "
