@@ -15,7 +15,8 @@ on one then the other), and prints rates and the ratios to compare:
   scale     ROUND-ROBIN and FAILOVER over 100 and 1000 subscribers, and
             ROUND-ROBIN x3 with one dead subscriber against ROUND-ROBIN x2;
   async     event_stream (reliable mode, a local JSON-RPC server answering at
-            once): direct, FAILOVER x2, ROUND-ROBIN x2;
+            once): direct, direct x2 in turn (the transport's work of a
+            ROUND-ROBIN x2), FAILOVER x2, ROUND-ROBIN x2;
   rabbitmq  the same over a local RabbitMQ broker (event_rabbitmq).
 
 Rows are in ROWS below, one line each; `--only GROUP,...` picks groups (the
