@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 # the only names taken from the test harness
 from evvharness import OpenSips, RabbitMQBroker, sip_request, virtual  # noqa: E402
 from evvharness.env import EVV_MODULE, OPENSIPS_SRC  # noqa: E402
-from evvharness.processes import die_with_parent  # noqa: E402
+from evvharness.processes import die_with_parent, group_alive  # noqa: E402
 
 C_MODULE = OPENSIPS_SRC / "modules" / "event_virtual" / "event_virtual.so"
 
@@ -183,23 +183,6 @@ class Reaper:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-
-
-def group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def reaper_main():

@@ -695,24 +695,17 @@ mod tests {
         let s = Socket::new(Policy::Failover, 2);
         let mut f = Fake::new(&[false, true]);
         let zero = Rules { window_ms: 0 };
-        done(deliver(
-            s.policy,
-            &s.rotation,
-            None,
-            &s.subs,
-            zero,
-            5,
-            &mut f,
-        ));
-        done(deliver(
-            s.policy,
-            &s.rotation,
-            None,
-            &s.subs,
-            zero,
-            6,
-            &mut f,
-        ));
+        for now in [5, 6] {
+            done(deliver(
+                s.policy,
+                &s.rotation,
+                None,
+                &s.subs,
+                zero,
+                now,
+                &mut f,
+            ));
+        }
         assert_eq!(f.tried, vec![0, 1, 0, 1]);
     }
 
