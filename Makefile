@@ -5,7 +5,7 @@
 #                             supported OpenSIPS (built here first when missing)
 #   make                      build ./event_virtual.so
 #   make opensips             build the supported OpenSIPS releases into .opensips/
-#   make bench                raises per second, this module and the C one
+#   make bench                what the virtual layer costs, this module and the C one
 #   make install              copy the module into that OpenSIPS's modules folder
 #   make clean
 #
@@ -111,8 +111,8 @@ test: unit-test integration-tests
 demo: build $(PYDEPS)
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) demo/demo.py
 
-# raises per second side by side with the C module, when the tree has it
-# built; BENCH_ARGS="--workers 2 --events 8000 --rounds 5" are the defaults
+# rates and ratios: direct vs virtual, this module vs the C one when the tree has it
+# built; e.g. BENCH_ARGS="--only sync,scale --rounds 3" (bench/bench.py --help)
 bench: build $(PYDEPS)
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) bench/bench.py $(BENCH_ARGS)
 

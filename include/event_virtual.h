@@ -62,6 +62,19 @@ typedef void (*evv_visit_f)(void *arg, const str *event,
 int evv_walk_subscriptions(const str *filter, const evi_export_t *trans,
 	evv_visit_f visit, void *arg);
 
+/* The value of the event parameter called name (name_len bytes): returns
+ * EVV_PARAM_STR with *s and *len set to the string (the core's, valid for
+ * the raise), EVV_PARAM_INT with *n set, or EVV_PARAM_NONE when no
+ * parameter has that name (or it has neither kind of value).  The first
+ * parameter of that name counts.  Allocates nothing, takes no lock. */
+enum evv_param_kind {
+	EVV_PARAM_NONE = 0,
+	EVV_PARAM_STR = 1,
+	EVV_PARAM_INT = 2,
+};
+int evv_param_value(const evi_params_t *params, const char *name,
+	int name_len, const char **s, int *len, int *n);
+
 /* the spool (issue 10): its modparams, the size of shared memory, the
  * size of evi_dup_shm_params' copy, the replay process's export */
 extern int evv_spool_size;

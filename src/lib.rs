@@ -2,7 +2,7 @@
 //!
 //! One virtual subscriber (`virtual:POLICY SUB1 SUB2 ...`) fans each event
 //! out to several real subscribers of other event transports, by one of
-//! three policies.  [`socket`], [`policy`] and [`spool`] (the events every
+//! four policies.  [`socket`], [`policy`] and [`spool`] (the events every
 //! subscriber failed, held and replayed) are safe Rust and run under
 //! `cargo test` without OpenSIPS.  Built against an OpenSIPS tree, `opensips`
 //! wraps the core in safe types (it and the virtual socket's layout hold

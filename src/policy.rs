@@ -12,10 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::socket::{MAX_SUBSCRIBERS, Policy};
 
-/// One subscriber's health and counters.
+/// One subscriber's health and counters, and its fixed HASH seed.
 #[derive(Debug, Default)]
 #[repr(C)]
 pub struct Health {
+    /// Its rendezvous seed, from [`seeds`]; set when the socket is built.
+    seed: u64,
     /// When the last attempt failed (ms on a clock shared by all
     /// processes), or 0 when the last attempt succeeded.
     failed_at: AtomicU64,
@@ -44,6 +46,18 @@ pub enum Transition {
 }
 
 impl Health {
+    /// A healthy subscriber with the HASH seed [`seeds`] gave it.
+    pub fn seeded(seed: u64) -> Health {
+        Health {
+            seed,
+            ..Health::default()
+        }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Inside its failover window: passed over while others are healthy.
     /// A window of 0 never skips.
     pub fn skipped(&self, now_ms: u64, window_ms: u64) -> bool {
@@ -141,10 +155,19 @@ impl Passed {
 /// only if no other took it.  Then every subscriber has failed recently,
 /// and no event is dropped without an attempt on each.  Each subscriber is
 /// attempted at most once per event.
+///
+/// HASH offers an event with a value exactly as FAILOVER does, but in the
+/// value's rendezvous order ([`hash_order`]) instead of the listed one; an
+/// event without the value, as ROUND-ROBIN does.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct Walk {
     policy: Policy,
+    /// Walking in rendezvous order, for the value whose [`digest`] this is.
+    hashed: bool,
+    digest: u64,
+    /// The rank last offered, as (score, index), in this pass.
+    cursor: (u64, u32),
     n: u32,
     start: u32,
     /// Offers made so far: k < n is the first pass, n <= k < 2n the second.
@@ -184,24 +207,31 @@ impl Outcome {
 }
 
 impl Walk {
-    /// Start one event.  A ROUND-ROBIN event takes the next ticket from the
-    /// socket's shared `rotation` counter.
+    /// Start one event.  A ROUND-ROBIN event, and a HASH event without
+    /// its `value`, takes the next ticket from the socket's shared
+    /// `rotation` counter; a HASH event with one is placed by its digest.
+    /// Other policies ignore `value`.
     pub fn begin<S: AsRef<Health>>(
         policy: Policy,
         rotation: &AtomicU64,
+        value: Option<&[u8]>,
         subs: &[S],
         rules: Rules,
         now_ms: u64,
     ) -> Walk {
-        let start = match policy {
-            Policy::RoundRobin if !subs.is_empty() => {
-                let ticket = rotation.fetch_add(1, Relaxed);
-                rotation_start(ticket, subs, rules.window_ms, now_ms)
-            }
-            _ => 0,
+        let hashed = policy == Policy::Hash && value.is_some();
+        let rotates = policy == Policy::RoundRobin || (policy == Policy::Hash && !hashed);
+        let start = if rotates && !subs.is_empty() {
+            let ticket = rotation.fetch_add(1, Relaxed);
+            rotation_start(ticket, subs, rules.window_ms, now_ms)
+        } else {
+            0
         };
         Walk {
             policy,
+            hashed,
+            digest: value.map_or(0, digest),
+            cursor: TOP,
             // socket.rs caps n at MAX_SUBSCRIBERS
             n: subs.len() as u32,
             start: start as u32,
@@ -280,7 +310,16 @@ impl Walk {
         while self.step < passes * n {
             let k = self.step;
             self.step += 1;
-            let i = ((self.start + k % n) % n) as usize;
+            let i = if self.hashed {
+                if k.is_multiple_of(n) {
+                    self.cursor = TOP;
+                }
+                let i = next_rank(self.digest, subs, self.cursor);
+                self.cursor = (score(subs[i].as_ref().seed, self.digest), i as u32);
+                i
+            } else {
+                ((self.start + k % n) % n) as usize
+            };
             if self.policy == Policy::Parallel {
                 return Some(i);
             }
@@ -317,12 +356,144 @@ pub fn record<S: AsRef<Health>, D: Driver>(
 pub fn deliver<S: AsRef<Health>, D: Driver>(
     policy: Policy,
     rotation: &AtomicU64,
+    value: Option<&[u8]>,
     subs: &[S],
     rules: Rules,
     now_ms: u64,
     driver: &mut D,
 ) -> Progress {
-    Walk::begin(policy, rotation, subs, rules, now_ms).run(subs, rules, now_ms, driver)
+    Walk::begin(policy, rotation, value, subs, rules, now_ms).run(subs, rules, now_ms, driver)
+}
+
+// ---- HASH: rendezvous placement ------------------------------------------
+//
+// Every subscriber i has a seed, fixed when the socket is built:
+//
+//     seed_i  = fmix64(fnv1a64(token_i ++ [0x00] ++ le32(occurrence_i)))
+//
+// where token_i is its token as printed and occurrence_i counts the earlier
+// subscribers with the same token (0 for the first).  An event's value v
+// (an integer parameter as its decimal text) has
+//
+//     digest  = fnv1a64(v)
+//     score_i = fmix64(seed_i ^ digest)
+//
+// and the event is offered from the highest score down; equal scores go
+// by list position.  fnv1a64 is FNV-1a (offset basis 0xcbf29ce484222325,
+// prime 0x100000001b3) and fmix64 MurmurHash3's 64-bit finaliser.  The
+// value is hashed once per event; each score is one fmix64.
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// No rank offered yet in this pass: above every (score, index).
+const TOP: (u64, u32) = (u64::MAX, u32::MAX);
+
+fn fnv1a64(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// MurmurHash3's 64-bit finaliser.
+pub fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
+/// The digest of an event's value.
+pub fn digest(value: &[u8]) -> u64 {
+    fnv1a64(FNV_OFFSET, value)
+}
+
+/// The seed of a subscriber listed as `token`, the `occurrence`-th time
+/// (from 0) that token is listed.
+pub fn seed(token: &[u8], occurrence: u32) -> u64 {
+    let h = fnv1a64(FNV_OFFSET, token);
+    let h = fnv1a64(h, &[0]);
+    fmix64(fnv1a64(h, &occurrence.to_le_bytes()))
+}
+
+/// The seeds of a socket's subscribers, in list order: a token listed
+/// twice gets two seeds, and so weighs double.  Computed (and allocated)
+/// once, when the socket is built; a raise only reads them.
+pub fn seeds(tokens: &[&[u8]]) -> Vec<u64> {
+    let mut seen: std::collections::HashMap<&[u8], u32> = std::collections::HashMap::new();
+    tokens
+        .iter()
+        .map(|t| {
+            let occ = seen.entry(t).or_insert(0);
+            let s = seed(t, *occ);
+            *occ += 1;
+            s
+        })
+        .collect()
+}
+
+/// Subscriber `seed`'s score for a value of this digest.
+pub fn score(seed: u64, digest: u64) -> u64 {
+    fmix64(seed ^ digest)
+}
+
+/// The best-ranked subscriber below `cursor`: highest score first, equal
+/// scores by position.  `subs` is not empty and `cursor` is above at least
+/// one rank.
+fn next_rank<S: AsRef<Health>>(digest: u64, subs: &[S], cursor: (u64, u32)) -> usize {
+    let below = |s: u64, i: u32| s < cursor.0 || (s == cursor.0 && i > cursor.1);
+    let mut best: Option<(u64, u32)> = None;
+    for (i, sub) in subs.iter().enumerate() {
+        let (s, i) = (score(sub.as_ref().seed, digest), i as u32);
+        if below(s, i) && best.is_none_or(|(bs, _)| s > bs) {
+            best = Some((s, i));
+        }
+    }
+    best.map_or(0, |(_, i)| i as usize)
+}
+
+/// The rendezvous order of a value over subscribers with these seeds:
+/// indexes, best first.  (For the operator's view and the tests: it
+/// allocates.  The walk itself finds each next rank in place.)  A HASH event with this digest is offered to the
+/// healthy ones in this order, then to the skipped ones in this order.
+pub fn hash_order(digest: u64, seeds: &[u64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..seeds.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(score(seeds[i], digest)), i));
+    order
+}
+
+/// The order a HASH event with this digest is offered in now, given which
+/// subscribers are inside their failover window (`skipped`): the others in
+/// rendezvous order, then those, in rendezvous order.
+pub fn hash_attempts(digest: u64, seeds: &[u64], skipped: &[bool]) -> Vec<usize> {
+    let order = hash_order(digest, seeds);
+    let (mut first, later): (Vec<usize>, Vec<usize>) =
+        order.into_iter().partition(|&i| !skipped[i]);
+    first.extend(later);
+    first
+}
+
+/// The decimal text of an integer parameter, which is what HASH hashes
+/// (so 42 and "42" land together); written into `buf`, no allocation.
+pub fn int_text(n: i32, buf: &mut [u8; 11]) -> &[u8] {
+    let mut v = n.unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    &buf[at..]
 }
 
 /// Where a ROUND-ROBIN event with this ticket starts.  Tickets are dealt
@@ -439,7 +610,15 @@ mod tests {
             done(self.start(fake, now))
         }
         fn start(&self, fake: &mut Fake, now: u64) -> Progress {
-            deliver(self.policy, &self.rotation, &self.subs, RULES, now, fake)
+            deliver(
+                self.policy,
+                &self.rotation,
+                None,
+                &self.subs,
+                RULES,
+                now,
+                fake,
+            )
         }
     }
 
@@ -516,8 +695,17 @@ mod tests {
         let s = Socket::new(Policy::Failover, 2);
         let mut f = Fake::new(&[false, true]);
         let zero = Rules { window_ms: 0 };
-        done(deliver(s.policy, &s.rotation, &s.subs, zero, 5, &mut f));
-        done(deliver(s.policy, &s.rotation, &s.subs, zero, 6, &mut f));
+        for now in [5, 6] {
+            done(deliver(
+                s.policy,
+                &s.rotation,
+                None,
+                &s.subs,
+                zero,
+                now,
+                &mut f,
+            ));
+        }
         assert_eq!(f.tried, vec![0, 1, 0, 1]);
     }
 
@@ -682,7 +870,7 @@ mod tests {
                 sc.spawn(|| {
                     let mut d = Counting(&counts);
                     for _ in 0..3000 {
-                        deliver(s.policy, &s.rotation, &s.subs, RULES, 1, &mut d);
+                        deliver(s.policy, &s.rotation, None, &s.subs, RULES, 1, &mut d);
                     }
                 });
             }
@@ -754,5 +942,237 @@ mod tests {
             f.transitions,
             vec![(2, Transition::Failing), (0, Transition::Failing)]
         );
+    }
+
+    // ---- HASH --------------------------------------------------------------
+
+    fn hashed(tokens: &[&str]) -> Vec<Sub> {
+        let toks: Vec<&[u8]> = tokens.iter().map(|t| t.as_bytes()).collect();
+        seeds(&toks)
+            .into_iter()
+            .map(|s| Sub(Health::seeded(s)))
+            .collect()
+    }
+
+    const THREE: [&str; 3] = [
+        "udp:127.0.0.1:9001",
+        "udp:127.0.0.1:9002",
+        "udp:127.0.0.1:9003",
+    ];
+
+    fn hash_event(subs: &[Sub], value: &[u8], f: &mut Fake, now: u64) -> Outcome {
+        let rotation = AtomicU64::new(0);
+        done(deliver(
+            Policy::Hash,
+            &rotation,
+            Some(value),
+            subs,
+            RULES,
+            now,
+            f,
+        ))
+    }
+
+    #[test]
+    fn the_documented_hash_gives_these_numbers() {
+        // the worked example of doc/event_virtual.md, section "HASH"
+        assert_eq!(digest(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(digest(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let toks: Vec<&[u8]> = THREE.iter().map(|t| t.as_bytes()).collect();
+        let s = seeds(&toks);
+        let d = digest(b"call-1@example.com");
+        let scores: Vec<u64> = s.iter().map(|&x| score(x, d)).collect();
+        assert_eq!(d, 0xebd2_9311_b8bb_dd66);
+        assert_eq!(
+            s,
+            vec![
+                0x7792_0e03_3fb0_d8d5,
+                0x0d7b_1f2c_cbcb_4419,
+                0xcde3_07a2_2bb7_1b93
+            ]
+        );
+        assert_eq!(
+            scores,
+            vec![
+                0x0a24_b826_3a86_9bb1,
+                0x9dec_b073_4306_da24,
+                0x034b_b82b_3218_47dc
+            ]
+        );
+        assert_eq!(hash_order(d, &s), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn int_text_is_the_decimal_form() {
+        let mut buf = [0u8; 11];
+        for n in [0, 7, 42, -1, -42, 1_000_000, i32::MAX, i32::MIN] {
+            assert_eq!(int_text(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_repeated_token_gets_a_seed_per_occurrence() {
+        let s = seeds(&[b"udp:a:1", b"udp:b:1", b"udp:a:1"]);
+        assert_eq!(s[0], seed(b"udp:a:1", 0));
+        assert_eq!(s[2], seed(b"udp:a:1", 1));
+        assert_ne!(s[0], s[2]);
+    }
+
+    #[test]
+    fn hash_sends_a_value_to_its_best_ranked_subscriber_every_time() {
+        let subs = hashed(&THREE);
+        let seeds: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+        let mut f = Fake::new(&[true, true, true]);
+        let mut share = [0usize; 3];
+        for v in 0..3000 {
+            let value = format!("call-{v}");
+            let best = hash_order(digest(value.as_bytes()), &seeds)[0];
+            for _ in 0..2 {
+                f.tried.clear();
+                assert!(hash_event(&subs, value.as_bytes(), &mut f, 10).delivered());
+                assert_eq!(f.tried, vec![best]);
+            }
+            share[best] += 1;
+        }
+        for c in share {
+            assert!((850..1150).contains(&c), "{share:?}");
+        }
+    }
+
+    #[test]
+    fn hash_walks_the_rendezvous_order_healthy_first() {
+        let tokens: Vec<String> = (0..7).map(|i| format!("udp:10.0.0.{i}:1")).collect();
+        let toks: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        for v in 0..200 {
+            let subs = hashed(&toks);
+            let seeds: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+            let value = format!("v{v}");
+            let order = hash_order(digest(value.as_bytes()), &seeds);
+            // some subscribers failed recently (by the value, to vary it)
+            let down: Vec<bool> = (0..7).map(|i| (v + i) % 3 == 0).collect();
+            for (i, &d) in down.iter().enumerate() {
+                if d {
+                    subs[i].0.record(false, 5);
+                }
+            }
+            let mut f = Fake::new(&[false; 7]);
+            let o = hash_event(&subs, value.as_bytes(), &mut f, 10);
+            assert!(!o.delivered());
+            let expected: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|&i| !down[i])
+                .chain(order.iter().copied().filter(|&i| down[i]))
+                .collect();
+            assert_eq!(f.tried, expected, "value {value}");
+            let d = digest(value.as_bytes());
+            assert_eq!(hash_attempts(d, &seeds, &down), expected);
+        }
+    }
+
+    #[test]
+    fn hash_moves_only_a_failed_subscribers_values_and_brings_them_back() {
+        let subs = hashed(&THREE);
+        let values: Vec<String> = (0..600).map(|v| format!("tag{v}")).collect();
+        let place = |f: &mut Fake, now| -> Vec<usize> {
+            values
+                .iter()
+                .map(|v| {
+                    f.tried.clear();
+                    hash_event(&subs, v.as_bytes(), f, now);
+                    *f.tried.last().unwrap()
+                })
+                .collect()
+        };
+        let mut f = Fake::new(&[true, true, true]);
+        let before = place(&mut f, 10);
+        f.up[1] = false;
+        let during = place(&mut f, 20);
+        let mut moved_to = [0usize; 3];
+        for (b, d) in before.iter().zip(&during) {
+            if *b != 1 {
+                assert_eq!(b, d, "a healthy subscriber's value moved");
+            } else {
+                moved_to[*d] += 1;
+            }
+        }
+        assert_eq!(moved_to[1], 0);
+        // spread over both others, not handed to one neighbour
+        assert!(moved_to[0] > 50 && moved_to[2] > 50, "{moved_to:?}");
+        // back after its window
+        f.up[1] = true;
+        assert_eq!(place(&mut f, 20 + RULES.window_ms), before);
+    }
+
+    #[test]
+    fn adding_a_subscriber_moves_about_a_share_of_the_values() {
+        let three = hashed(&THREE);
+        let mut four_tokens = THREE.to_vec();
+        four_tokens.push("unix:/run/new.sock");
+        let four = hashed(&four_tokens);
+        let best = |subs: &[Sub], v: &str| {
+            let seeds: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+            hash_order(digest(v.as_bytes()), &seeds)[0]
+        };
+        let mut moved = 0;
+        for v in 0..4000 {
+            let v = format!("{v}");
+            let (a, b) = (best(&three, &v), best(&four, &v));
+            if a != b {
+                assert_eq!(b, 3, "a value moved between old subscribers");
+                moved += 1;
+            }
+        }
+        assert!((800..1200).contains(&moved), "{moved} of 4000 moved");
+    }
+
+    #[test]
+    fn a_repeated_subscriber_weighs_double() {
+        let subs = hashed(&["udp:a:1", "udp:b:1", "udp:a:1"]);
+        let seeds: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+        let a = (0..6000)
+            .filter(|v| {
+                let first = hash_order(digest(format!("{v}").as_bytes()), &seeds)[0];
+                first != 1
+            })
+            .count();
+        assert!((3700..4300).contains(&a), "{a} of 6000 to udp:a:1");
+    }
+
+    #[test]
+    fn hash_without_the_value_rotates_like_round_robin() {
+        let subs = hashed(&THREE);
+        let rotation = AtomicU64::new(0);
+        let mut f = Fake::new(&[true, true, true]);
+        for _ in 0..6 {
+            done(deliver(
+                Policy::Hash,
+                &rotation,
+                None,
+                &subs,
+                RULES,
+                1,
+                &mut f,
+            ));
+        }
+        assert_eq!(f.tried, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn hash_continues_an_asynchronous_failure_in_the_value_order() {
+        let subs = hashed(&THREE);
+        let seeds: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+        let order = hash_order(digest(b"k"), &seeds);
+        let mut f = Fake::new(&[false, false, false]);
+        f.asynchronous = vec![true, true, true];
+        let rotation = AtomicU64::new(0);
+        let mut progress = deliver(Policy::Hash, &rotation, Some(b"k"), &subs, RULES, 1, &mut f);
+        while progress == Progress::Pending {
+            let (i, mut walk) = f.parked.pop().unwrap();
+            // the walk is resumed from a copy, as a chain in shm is
+            progress = walk.resume(i, false, &subs, RULES, 2, &mut f);
+        }
+        assert_eq!(f.tried, order);
+        assert!(!done(progress).delivered());
     }
 }

@@ -126,6 +126,31 @@ void evv_stat_update(stat_var *var, long n)
 		update_stat(var, n);
 }
 
+int evv_param_value(const evi_params_t *params, const char *name,
+	int name_len, const char **s, int *len, int *n)
+{
+	evi_param_p p;
+
+	if (!params)
+		return EVV_PARAM_NONE;
+	for (p = params->first; p; p = p->next) {
+		if (!p->name.s || p->name.len != name_len ||
+				memcmp(p->name.s, name, name_len))
+			continue;
+		if (p->flags & EVI_STR_VAL) {
+			*s = p->val.s.s;
+			*len = p->val.s.len;
+			return EVV_PARAM_STR;
+		}
+		if (p->flags & EVI_INT_VAL) {
+			*n = p->val.n;
+			return EVV_PARAM_INT;
+		}
+		return EVV_PARAM_NONE;
+	}
+	return EVV_PARAM_NONE;
+}
+
 /* the core's events; no header declares them */
 extern evi_event_t *events;
 extern int events_no;

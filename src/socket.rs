@@ -17,23 +17,72 @@ pub enum Policy {
     Parallel = 0,
     Failover = 1,
     RoundRobin = 2,
+    /// `HASH(<param>)`: by rendezvous hashing of the event parameter's value.
+    Hash = 3,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 3] = [Policy::Parallel, Policy::Failover, Policy::RoundRobin];
+    pub const ALL: [Policy; 4] = [
+        Policy::Parallel,
+        Policy::Failover,
+        Policy::RoundRobin,
+        Policy::Hash,
+    ];
+
+    /// The policies written as a bare word (the C module's three).
+    pub const WORDS: [Policy; 3] = [Policy::Parallel, Policy::Failover, Policy::RoundRobin];
 
     pub fn name(self) -> &'static str {
         match self {
             Policy::Parallel => "PARALLEL",
             Policy::Failover => "FAILOVER",
             Policy::RoundRobin => "ROUND-ROBIN",
+            Policy::Hash => "HASH",
         }
     }
 
     /// Exactly the upper-case name, as a whole token.
     fn from_token(tok: &[u8]) -> Option<Policy> {
-        Policy::ALL.into_iter().find(|p| p.name().as_bytes() == tok)
+        Policy::WORDS
+            .into_iter()
+            .find(|p| p.name().as_bytes() == tok)
     }
+}
+
+/// What opens a HASH policy token, `HASH(<param>)`.
+const HASH_OPEN: &[u8] = b"HASH(";
+
+/// The parameter name of a `HASH(<param>)` token: `Ok(None)` when the token
+/// is not a HASH one at all, an error when it is a malformed one.
+fn hash_key(tok: &[u8]) -> Result<Option<&[u8]>, ParseError> {
+    if tok == b"HASH" {
+        return Err(ParseError::BadHash(quote(tok), "names no parameter"));
+    }
+    let Some(inner) = tok.strip_prefix(HASH_OPEN) else {
+        return Ok(None);
+    };
+    let bad = |why| Err(ParseError::BadHash(quote(tok), why));
+    let Some(close) = inner.iter().position(|&b| b == b')') else {
+        return bad("has unbalanced parentheses");
+    };
+    let (key, after) = (&inner[..close], &inner[close + 1..]);
+    if key.contains(&b'(') || after.contains(&b')') {
+        return bad("has unbalanced parentheses");
+    }
+    if !after.is_empty() {
+        return bad("has text after its closing parenthesis");
+    }
+    if key.is_empty() {
+        return bad("names no parameter");
+    }
+    Ok(Some(key))
+}
+
+/// The HASH parameter name of a socket's printed text (what [`print_into`]
+/// wrote), or None for the other policies.
+pub fn printed_key(text: &[u8]) -> Option<&[u8]> {
+    let head = text.split(|&b| b == b' ').next()?;
+    hash_key(head).ok().flatten()
 }
 
 /// The transport name a virtual socket is registered under; it may not
@@ -58,7 +107,9 @@ pub struct SubToken<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed<'a> {
     pub policy: Policy,
-    /// The `SPOOL(...)` option after the policy, if given (issue 10).
+    /// HASH's parameter name; None for the other policies.
+    pub key: Option<&'a [u8]>,
+    /// The `SPOOL(...)` option after the policy, if given.
     pub spool: Option<crate::spool::SpoolOption>,
     pub subs: Vec<SubToken<'a>>,
 }
@@ -68,6 +119,8 @@ pub struct Parsed<'a> {
 pub enum ParseError {
     Empty,
     UnknownPolicy(String),
+    /// A malformed `HASH(<param>)` token, and what is wrong with it.
+    BadHash(String, &'static str),
     NoSubscribers(Policy),
     TooManySubscribers(usize),
     MissingColon(String),
@@ -93,8 +146,11 @@ impl fmt::Display for ParseError {
             ParseError::Empty => write!(f, "empty virtual socket"),
             ParseError::UnknownPolicy(p) => write!(
                 f,
-                "unknown policy '{p}' (expected PARALLEL, FAILOVER or ROUND-ROBIN, in upper case)"
+                "unknown policy '{p}' (expected PARALLEL, FAILOVER, ROUND-ROBIN or HASH(<param>), in upper case)"
             ),
+            ParseError::BadHash(t, why) => {
+                write!(f, "policy '{t}' {why} (expected HASH(<param>))")
+            }
             ParseError::NoSubscribers(p) => write!(f, "policy '{}' has no subscribers", p.name()),
             ParseError::TooManySubscribers(n) => write!(
                 f,
@@ -143,8 +199,11 @@ fn tokens(input: &[u8]) -> impl Iterator<Item = &[u8]> {
 pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
     let mut toks = tokens(input).peekable();
     let first = toks.next().ok_or(ParseError::Empty)?;
-    let policy =
-        Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?;
+    let key = hash_key(first)?;
+    let policy = match key {
+        Some(_) => Policy::Hash,
+        None => Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?,
+    };
     let spool = crate::spool::config::take_options(&mut toks).map_err(ParseError::Option)?;
     let options = usize::from(spool.is_some());
     let mut subs = Vec::new();
@@ -162,6 +221,7 @@ pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
     }
     Ok(Parsed {
         policy,
+        key,
         spool,
         subs,
     })
@@ -185,9 +245,17 @@ fn sub_token(token: &[u8]) -> Result<SubToken<'_>, ParseError> {
     Ok(SubToken { token, proto, rest })
 }
 
+/// The policy token as printed: the name, or `HASH(<param>)`.
+fn head_parts<'a>(parsed: &Parsed<'a>) -> [&'a [u8]; 3] {
+    match parsed.key {
+        Some(key) => [HASH_OPEN, key, b")"],
+        None => [parsed.policy.name().as_bytes(), b"", b""],
+    }
+}
+
 /// Length of the printed form `POLICY SUB1 SUB2 ...`.
 pub fn printed_len(parsed: &Parsed<'_>) -> usize {
-    parsed.policy.name().len()
+    head_parts(parsed).iter().map(|p| p.len()).sum::<usize>()
         + parsed.spool.map_or(0, |o| 1 + o.to_string().len())
         + parsed.subs.iter().map(|s| 1 + s.token.len()).sum::<usize>()
 }
@@ -195,9 +263,11 @@ pub fn printed_len(parsed: &Parsed<'_>) -> usize {
 /// Write the printed form into `out` (exactly [`printed_len`] bytes) and
 /// return where each subscriber token sits in it, as (offset, length).
 pub fn print_into(parsed: &Parsed<'_>, out: &mut [u8]) -> Vec<(usize, usize)> {
-    let name = parsed.policy.name().as_bytes();
-    out[..name.len()].copy_from_slice(name);
-    let mut at = name.len();
+    let mut at = 0;
+    for part in head_parts(parsed) {
+        out[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
     if let Some(o) = parsed.spool {
         let o = o.to_string();
         out[at] = b' ';
@@ -216,8 +286,9 @@ pub fn print_into(parsed: &Parsed<'_>, out: &mut [u8]) -> Vec<(usize, usize)> {
 }
 
 /// Whether two virtual sockets are the same subscription: same policy, and
-/// the same subscriber tokens in the same order (FAILOVER, ROUND-ROBIN, where
-/// order is behaviour) or as the same multiset (PARALLEL).
+/// the same subscriber tokens in the same order (FAILOVER, ROUND-ROBIN,
+/// HASH, where order is behaviour) or as the same multiset (PARALLEL).
+/// HASH sockets must have the same key too: see [`same_socket`].
 pub fn same_subscription(pa: Policy, a: &[&[u8]], pb: Policy, b: &[&[u8]]) -> bool {
     if pa != pb || a.len() != b.len() {
         return false;
@@ -229,6 +300,19 @@ pub fn same_subscription(pa: Policy, a: &[&[u8]], pb: Policy, b: &[&[u8]]) -> bo
     a.sort_unstable();
     b.sort_unstable();
     a == b
+}
+
+/// [`same_subscription`], with HASH's parameter names (None for the other
+/// policies) compared too.
+pub fn same_socket(
+    pa: Policy,
+    ka: Option<&[u8]>,
+    a: &[&[u8]],
+    pb: Policy,
+    kb: Option<&[u8]>,
+    b: &[&[u8]],
+) -> bool {
+    ka == kb && same_subscription(pa, a, pb, b)
 }
 
 /// The event transports registered with the core, as parse needs them.
@@ -308,10 +392,77 @@ mod tests {
 
     #[test]
     fn parses_the_three_policies() {
-        for p in Policy::ALL {
+        for p in Policy::WORDS {
             let text = format!("{} udp:127.0.0.1:1", p.name());
             assert_eq!(parse(text.as_bytes()).unwrap().policy, p);
         }
+    }
+
+    #[test]
+    fn parses_hash_with_its_parameter() {
+        let p = parse(b" HASH(callid)\tudp:1.2.3.4:5  unix:/x ").unwrap();
+        assert_eq!(p.policy, Policy::Hash);
+        assert_eq!(p.key, Some(&b"callid"[..]));
+        assert_eq!(toks(&p), vec![&b"udp:1.2.3.4:5"[..], b"unix:/x"]);
+        assert_eq!(
+            printed(" HASH(callid)\tudp:1.2.3.4:5  unix:/x "),
+            "HASH(callid) udp:1.2.3.4:5 unix:/x"
+        );
+        assert_eq!(
+            printed_key(b"HASH(callid) udp:1.2.3.4:5"),
+            Some(&b"callid"[..])
+        );
+        assert_eq!(printed_key(b"FAILOVER udp:1.2.3.4:5"), None);
+        // the other policies have no key
+        assert_eq!(parse(b"FAILOVER udp:a:1").unwrap().key, None);
+    }
+
+    #[test]
+    fn refuses_malformed_hash_policies_naming_the_token() {
+        for (bad, why) in [
+            ("HASH udp:a:1", "names no parameter"),
+            ("HASH() udp:a:1", "names no parameter"),
+            ("HASH(callid udp:a:1", "has unbalanced parentheses"),
+            ("HASH(a(b) udp:a:1", "has unbalanced parentheses"),
+            ("HASH(a)) udp:a:1", "has unbalanced parentheses"),
+            ("HASH((a)) udp:a:1", "has unbalanced parentheses"),
+            ("HASH(a)b udp:a:1", "has text after its closing parenthesis"),
+        ] {
+            let tok = bad.split(' ').next().unwrap();
+            let e = parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e, ParseError::BadHash(tok.into(), why), "{bad}");
+            assert!(e.to_string().contains(&format!("'{tok}'")), "{e}");
+        }
+        for other in ["hash(callid) udp:a:1", "HASHX udp:a:1", "Hash(a) udp:a:1"] {
+            assert!(matches!(
+                parse(other.as_bytes()),
+                Err(ParseError::UnknownPolicy(_))
+            ));
+        }
+        assert_eq!(
+            parse(b"HASH(callid)"),
+            Err(ParseError::NoSubscribers(Policy::Hash))
+        );
+    }
+
+    #[test]
+    fn hash_matches_like_failover_and_only_with_the_same_key() {
+        let (a, b): (&[u8], &[u8]) = (b"udp:a:1", b"udp:b:1");
+        let (h, f) = (Policy::Hash, Policy::Failover);
+        let (k1, k2) = (Some(&b"callid"[..]), Some(&b"aor"[..]));
+        assert!(same_socket(h, k1, &[a, b], h, k1, &[a, b]));
+        assert!(!same_socket(h, k1, &[a, b], h, k1, &[b, a]));
+        assert!(!same_socket(h, k1, &[a, b], h, k2, &[a, b]));
+        assert!(!same_socket(h, k1, &[a, b], f, None, &[a, b]));
+        assert!(!same_socket(
+            h,
+            k1,
+            &[a, b],
+            Policy::RoundRobin,
+            None,
+            &[a, b]
+        ));
+        assert!(same_socket(f, None, &[a, b], f, None, &[a, b]));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::AtomicU64;
 
-use event_virtual::policy::{Attempt, Driver, Health, Progress, Rules, Transition, deliver};
+use event_virtual::policy::{
+    Attempt, Driver, Health, Progress, Rules, Transition, deliver, int_text, seeds,
+};
 use event_virtual::socket::Policy;
 use event_virtual::spool::{Budget, Enter, Handle, Limits, Meta, Nodes, Queue, Reason};
 use std::sync::atomic::Ordering::Relaxed;
@@ -69,7 +71,15 @@ impl Driver for Pattern<'_> {
 
 #[test]
 fn delivering_allocates_nothing() {
-    let subs: Vec<Sub> = (0..8).map(|_| Sub(Health::default())).collect();
+    // seeded as a HASH socket's are (the other policies ignore the seeds)
+    let tokens: Vec<String> = (0..8)
+        .map(|i| format!("udp:127.0.0.1:{}", 9000 + i % 5))
+        .collect();
+    let tokens: Vec<&[u8]> = tokens.iter().map(|t| t.as_bytes()).collect();
+    let subs: Vec<Sub> = seeds(&tokens)
+        .into_iter()
+        .map(|s| Sub(Health::seeded(s)))
+        .collect();
     let rotation = AtomicU64::new(0);
     let patterns: [&[bool]; 3] = [
         &[true; 8],
@@ -81,8 +91,17 @@ fn delivering_allocates_nothing() {
             for up in patterns {
                 let mut driver = Pattern { up, transitions: 0 };
                 let before = allocations();
+                let mut buf = [0u8; 11];
                 for now in 0..1000u64 {
-                    let progress = deliver(policy, &rotation, &subs, rules, now * 7, &mut driver);
+                    // HASH: keyed by an integer's text, by a string, and
+                    // an event without the parameter
+                    let value = match now % 3 {
+                        0 => Some(int_text(now as i32 - 500, &mut buf)),
+                        1 => Some(&b"call-1@example.com"[..]),
+                        _ => None,
+                    };
+                    let progress =
+                        deliver(policy, &rotation, value, &subs, rules, now * 7, &mut driver);
                     assert!(matches!(progress, Progress::Done(_)));
                 }
                 assert_eq!(

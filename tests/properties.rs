@@ -1,10 +1,17 @@
 //! Property tests and edge inputs for the virtual socket text: parse, print
 //! and match, as the module guide `doc/event_virtual.md` section 2 ("Virtual
-//! socket syntax") specifies them.  Pure Rust: no OpenSIPS is needed.
+//! socket syntax") specifies them, and HASH's rendezvous placement.  Pure
+//! Rust: no OpenSIPS is needed.
 
+use std::sync::atomic::AtomicU64;
+
+use event_virtual::policy::{
+    Attempt, Driver, Health, Progress, Rules, Transition, Walk, deliver, digest, hash_attempts,
+    hash_order, seeds,
+};
 use event_virtual::socket::{
     MAX_SUBSCRIBERS, ParseError, Parsed, Policy, Transports, open_subscribers, parse, print_into,
-    printed_len, quote, same_subscription,
+    printed_key, printed_len, quote, same_socket, same_subscription,
 };
 use proptest::prelude::*;
 
@@ -30,9 +37,17 @@ fn printed(p: &Parsed<'_>) -> Vec<u8> {
     out
 }
 
+/// The policy token as it must be printed.
+fn head(policy: Policy, key: Option<&[u8]>) -> Vec<u8> {
+    match key {
+        Some(k) => [&b"HASH("[..], k, b")"].concat(),
+        None => policy.name().as_bytes().to_vec(),
+    }
+}
+
 /// What the printed form must be: the policy, then each token after one space.
-fn joined(policy: Policy, toks: &[&[u8]]) -> Vec<u8> {
-    let mut v = policy.name().as_bytes().to_vec();
+fn joined(head: &[u8], toks: &[&[u8]]) -> Vec<u8> {
+    let mut v = head.to_vec();
     for t in toks {
         v.push(b' ');
         v.extend_from_slice(t);
@@ -68,14 +83,27 @@ fn check_any(input: &[u8]) {
         assert!(s.token.starts_with(s.proto) && s.token.ends_with(s.rest));
         assert_eq!(s.token[s.proto.len()], b':');
     }
+    assert_eq!(p.key.is_some(), p.policy == Policy::Hash);
+    if let Some(k) = p.key {
+        assert!(!k.is_empty());
+        assert!(!k.iter().any(|b| b" \t()".contains(b)));
+    }
     let toks = tokens(&p);
     let out = printed(&p);
-    assert_eq!(out, joined(p.policy, &toks));
+    assert_eq!(out, joined(&head(p.policy, p.key), &toks));
+    assert_eq!(printed_key(&out), p.key);
     let again = parse(&out).expect("the printed socket parses");
     assert_eq!(again.policy, p.policy);
     assert_eq!(tokens(&again), toks);
     assert_eq!(again, p);
-    assert!(same_subscription(p.policy, &toks, again.policy, &toks));
+    assert!(same_socket(
+        p.policy,
+        p.key,
+        &toks,
+        again.policy,
+        again.key,
+        &toks
+    ));
 }
 
 /// The reference model of matching: `doc/event_virtual.md` section 2, its
@@ -84,6 +112,7 @@ fn model_match(pa: Policy, a: &[&[u8]], pb: Policy, b: &[&[u8]]) -> bool {
     if pa != pb {
         return false;
     }
+    // HASH orders like FAILOVER
     if pa == Policy::Parallel {
         let (mut a, mut b) = (a.to_vec(), b.to_vec());
         a.sort();
@@ -169,6 +198,16 @@ fn policy_word() -> impl Strategy<Value = Vec<u8>> {
         "ROUND-ROBIN:",
         "virtual:FAILOVER",
         "",
+        "HASH(callid)",
+        "HASH(i)",
+        "HASH",
+        "HASH()",
+        "HASH(callid",
+        "HASH(a)b",
+        "HASH((a))",
+        "HASH(a))",
+        "hash(callid)",
+        "HASH(\u{0}\u{7f})",
     ])
     .prop_map(|s| s.as_bytes().to_vec())
 }
@@ -209,29 +248,43 @@ fn near_socket() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// A HASH parameter name: any bytes but white space and parentheses.
+fn hash_key() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        any::<u8>().prop_filter("no white space or parentheses", |b| !b" \t()".contains(b)),
+        1..16,
+    )
+}
+
 /// A valid socket and the text it was written as, with arbitrary runs of
 /// white space around and between the tokens.
-fn valid_socket() -> impl Strategy<Value = (Policy, Vec<Vec<u8>>, Vec<u8>)> {
-    (policy(), prop::collection::vec(valid_token(), 1..10))
-        .prop_flat_map(|(p, toks)| {
+fn valid_socket() -> impl Strategy<Value = (Policy, Vec<u8>, Vec<Vec<u8>>, Vec<u8>)> {
+    (
+        policy(),
+        hash_key(),
+        prop::collection::vec(valid_token(), 1..10),
+    )
+        .prop_flat_map(|(p, key, toks)| {
             let n = toks.len();
+            let key = (p == Policy::Hash).then_some(key);
             (
                 Just(p),
+                Just(head(p, key.as_deref())),
                 Just(toks),
                 pad(),
                 prop::collection::vec(sep(), n),
                 pad(),
             )
         })
-        .prop_map(|(p, toks, lead, seps, trail)| {
+        .prop_map(|(p, head, toks, lead, seps, trail)| {
             let mut text = lead;
-            text.extend_from_slice(p.name().as_bytes());
+            text.extend_from_slice(&head);
             for (s, t) in seps.iter().zip(&toks) {
                 text.extend_from_slice(s);
                 text.extend_from_slice(t);
             }
             text.extend(trail);
-            (p, toks, text)
+            (p, head, toks, text)
         })
 }
 
@@ -260,12 +313,12 @@ proptest! {
     }
 
     #[test]
-    fn valid_sockets_parse_print_and_parse_back((p, toks, text) in valid_socket()) {
+    fn valid_sockets_parse_print_and_parse_back((p, head, toks, text) in valid_socket()) {
         let parsed = parse(&text).expect("a valid socket parses");
         prop_assert_eq!(parsed.policy, p);
         prop_assert_eq!(tokens(&parsed), refs(&toks));
         let out = printed(&parsed);
-        prop_assert_eq!(&out, &joined(p, &refs(&toks)));
+        prop_assert_eq!(&out, &joined(&head, &refs(&toks)));
         let again = parse(&out).expect("the printed socket parses");
         prop_assert_eq!(again.policy, p);
         prop_assert_eq!(tokens(&again), refs(&toks));
@@ -274,7 +327,7 @@ proptest! {
 
     #[test]
     fn spool_options_parse_print_canonically_and_parse_back(
-        (p, toks, _text) in valid_socket(),
+        (_p, head, toks, _text) in valid_socket(),
         size in 0u32..=1_000_000,
         age in prop::option::of(0u32..100_000),
         zeros in 0usize..3,
@@ -286,7 +339,7 @@ proptest! {
             Some(a) => format!("SPOOL({size},{}{a})", "0".repeat(zeros)),
         };
         let t = refs(&toks);
-        let mut text = p.name().as_bytes().to_vec();
+        let mut text = head.clone();
         text.extend_from_slice(b" ");
         text.extend_from_slice(written.as_bytes());
         for tok in &t {
@@ -297,7 +350,7 @@ proptest! {
         prop_assert_eq!(parsed.spool, Some(opt));
         prop_assert_eq!(tokens(&parsed), t.clone());
         let out = printed(&parsed);
-        let mut want = p.name().as_bytes().to_vec();
+        let mut want = head.clone();
         want.push(b' ');
         want.extend_from_slice(opt.to_string().as_bytes());
         for tok in &t {
@@ -311,9 +364,27 @@ proptest! {
     }
 
     #[test]
-    fn match_is_reflexive((p, toks, _text) in valid_socket()) {
+    fn match_is_reflexive((p, _head, toks, _text) in valid_socket()) {
         let t = refs(&toks);
         prop_assert!(same_subscription(p, &t, p, &t));
+    }
+
+    #[test]
+    fn hash_sockets_match_only_with_the_same_key_and_order(
+        ka in hash_key(), kb in hash_key(),
+        (toks, shuffled) in small_tokens()
+            .prop_flat_map(|t| (Just(t.clone()), Just(t).prop_shuffle())),
+        other in prop::sample::select(Policy::WORDS.to_vec()),
+    ) {
+        let (a, b) = (refs(&toks), refs(&shuffled));
+        let h = Policy::Hash;
+        let (ka, kb) = (Some(ka.as_slice()), Some(kb.as_slice()));
+        prop_assert!(same_socket(h, ka, &a, h, ka, &a));
+        prop_assert_eq!(same_socket(h, ka, &a, h, kb, &a), ka == kb);
+        prop_assert_eq!(same_socket(h, ka, &a, h, ka, &b), a == b);
+        // never another policy, whatever its tokens
+        prop_assert!(!same_socket(h, ka, &a, other, None, &a));
+        prop_assert!(!same_socket(other, None, &a, h, ka, &a));
     }
 
     #[test]
@@ -341,7 +412,7 @@ proptest! {
 
     #[test]
     fn ordered_policies_match_a_permutation_iff_unchanged(
-        p in prop::sample::select(vec![Policy::Failover, Policy::RoundRobin]),
+        p in prop::sample::select(vec![Policy::Failover, Policy::RoundRobin, Policy::Hash]),
         (toks, shuffled) in small_tokens()
             .prop_flat_map(|t| (Just(t.clone()), Just(t).prop_shuffle())),
     ) {
@@ -585,4 +656,152 @@ fn the_virtual_prefix_is_not_part_of_the_socket() {
     assert_eq!(e, ParseError::UnknownPolicy("virtual:FAILOVER".into()));
     let e = parse(b"PARALLELX udp:1:1").unwrap_err();
     assert_eq!(e, ParseError::UnknownPolicy("PARALLELX".into()));
+}
+
+// ---------------------------------------------------------------------------
+// HASH placement (rendezvous hashing) over the real walk
+
+struct Sub(Health);
+
+impl AsRef<Health> for Sub {
+    fn as_ref(&self) -> &Health {
+        &self.0
+    }
+}
+
+fn seeded(tokens: &[Vec<u8>]) -> Vec<Sub> {
+    seeds(&refs(tokens))
+        .into_iter()
+        .map(|s| Sub(Health::seeded(s)))
+        .collect()
+}
+
+/// Subscribers up or down; records the order of attempts.
+struct Tried {
+    up: Vec<bool>,
+    order: Vec<usize>,
+}
+
+impl Driver for Tried {
+    fn attempt(&mut self, i: usize, _: &Walk) -> Attempt {
+        self.order.push(i);
+        if self.up[i] {
+            Attempt::Taken
+        } else {
+            Attempt::Failed
+        }
+    }
+    fn transition(&mut self, _: usize, _: Transition) {}
+}
+
+const RULES: Rules = Rules { window_ms: 1000 };
+
+/// The subscribers one HASH event with `value` was attempted on, in order
+/// (the last one took it, if any did).
+fn place(subs: &[Sub], value: &[u8], up: &[bool], now: u64) -> Vec<usize> {
+    let mut d = Tried {
+        up: up.to_vec(),
+        order: vec![],
+    };
+    let rotation = AtomicU64::new(0);
+    let p = deliver(
+        Policy::Hash,
+        &rotation,
+        Some(value),
+        subs,
+        RULES,
+        now,
+        &mut d,
+    );
+    assert!(matches!(p, Progress::Done(_)));
+    d.order
+}
+
+fn distinct_tokens() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    prop::collection::hash_set(valid_token(), 2..9).prop_map(|s| s.into_iter().collect())
+}
+
+proptest! {
+    #[test]
+    fn hash_offers_in_the_documented_order(
+        toks in prop::collection::vec(
+            prop::sample::select(vec!["udp:a:1", "udp:b:1", "unix:/c", "tcp:d:1"])
+                .prop_map(|s| s.as_bytes().to_vec()),
+            1..9),
+        value in prop::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let subs = seeded(&toks);
+        let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+        let order = place(&subs, &value, &vec![false; toks.len()], 10);
+        prop_assert_eq!(order, hash_order(digest(&value), &s));
+    }
+
+    #[test]
+    fn hash_offers_healthy_ones_first_as_hash_attempts_says(
+        toks in distinct_tokens(),
+        value in prop::collection::vec(any::<u8>(), 0..40),
+        down in prop::collection::vec(any::<bool>(), 9),
+    ) {
+        let n = toks.len();
+        let subs = seeded(&toks);
+        let skipped = &down[..n];
+        // fail the "down" ones now: they are inside their window after
+        for (i, &d) in skipped.iter().enumerate() {
+            if d {
+                subs[i].0.record(false, 5);
+            }
+        }
+        let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+        let order = place(&subs, &value, &vec![false; n], 10);
+        prop_assert_eq!(order, hash_attempts(digest(&value), &s, skipped));
+    }
+
+    #[test]
+    fn hash_is_sticky_and_a_failure_moves_only_the_failed_ones_values(
+        toks in distinct_tokens(),
+        values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 1..40),
+        down in any::<prop::sample::Index>(),
+    ) {
+        let n = toks.len();
+        let down = down.index(n);
+        let subs = seeded(&toks);
+        let all_up = vec![true; n];
+        let mut up = all_up.clone();
+        up[down] = false;
+        for v in &values {
+            let first = place(&subs, v, &all_up, 10);
+            prop_assert_eq!(first.len(), 1);
+            prop_assert_eq!(&place(&subs, v, &all_up, 10), &first, "not sticky");
+            let during = *place(&subs, v, &up, 20).last().unwrap();
+            prop_assert_ne!(during, down);
+            if first[0] != down {
+                prop_assert_eq!(during, first[0], "a healthy subscriber's value moved");
+            } else {
+                // to the value's second choice
+                let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
+                prop_assert_eq!(during, hash_order(digest(v), &s)[1]);
+            }
+        }
+    }
+
+    #[test]
+    fn removing_a_subscriber_moves_only_its_values(
+        toks in distinct_tokens(),
+        values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 1..40),
+        gone in any::<prop::sample::Index>(),
+    ) {
+        let gone = gone.index(toks.len());
+        let mut fewer = toks.clone();
+        fewer.remove(gone);
+        let (s_all, s_fewer) = (seeds(&refs(&toks)), seeds(&refs(&fewer)));
+        for v in &values {
+            let d = digest(v);
+            let before = hash_order(d, &s_all)[0];
+            let after = hash_order(d, &s_fewer)[0];
+            let after = if after >= gone { after + 1 } else { after };
+            if before != gone {
+                prop_assert_eq!(before, after);
+            }
+        }
+    }
 }

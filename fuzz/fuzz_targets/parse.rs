@@ -4,7 +4,7 @@
 #![no_main]
 
 use event_virtual::socket::{
-    ParseError, Parsed, parse, print_into, printed_len, quote, same_subscription,
+    ParseError, Parsed, parse, print_into, printed_key, printed_len, quote, same_socket,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -48,7 +48,11 @@ fuzz_target!(|data: &[u8]| {
     let mut out = vec![0u8; len];
     let spans = print_into(&parsed, &mut out);
     assert_eq!(spans.len(), parsed.subs.len());
-    let mut expect = parsed.policy.name().as_bytes().to_vec();
+    // the policy as printed: its name, or HASH(<param>)
+    let mut expect = match parsed.key {
+        Some(k) => [&b"HASH("[..], k, b")"].concat(),
+        None => parsed.policy.name().as_bytes().to_vec(),
+    };
     if let Some(o) = parsed.spool {
         expect.push(b' ');
         expect.extend_from_slice(o.to_string().as_bytes());
@@ -59,17 +63,19 @@ fuzz_target!(|data: &[u8]| {
         expect.extend_from_slice(s.token);
     }
     assert_eq!(out, expect);
+    assert_eq!(printed_key(&out), parsed.key);
 
     // the printed text parses back to the same socket
     let again = parse(&out).expect("printed socket must parse");
     assert_eq!(again.policy, parsed.policy);
+    assert_eq!(again.key, parsed.key);
     assert_eq!(tokens(&again), tokens(&parsed));
     assert_eq!(again.subs, parsed.subs);
     assert_eq!(again.spool, parsed.spool);
 
     // match is reflexive, against itself and against its printed form
     let toks = tokens(&parsed);
-    let p = parsed.policy;
-    assert!(same_subscription(p, &toks, p, &toks));
-    assert!(same_subscription(p, &toks, again.policy, &tokens(&again)));
+    let (p, k) = (parsed.policy, parsed.key);
+    assert!(same_socket(p, k, &toks, p, k, &toks));
+    assert!(same_socket(p, k, &toks, again.policy, again.key, &tokens(&again)));
 });

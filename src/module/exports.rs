@@ -7,7 +7,7 @@ use std::ffi::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::hooks::Virtual;
-use super::mi_list::{ListAll, ListEvent, Retry};
+use super::mi_list::{HashByIndex, HashBySocket, ListAll, ListEvent, Retry};
 use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
@@ -39,6 +39,7 @@ pub static DELIVERED: Stat = Stat::unregistered();
 pub static FAILED: Stat = Stat::unregistered();
 pub static INCOMPLETE: Stat = Stat::unregistered();
 pub static FAILOVERS: Stat = Stat::unregistered();
+pub static UNKEYED: Stat = Stat::unregistered();
 pub static SPOOLED: Stat = Stat::unregistered();
 pub static REPLAYED: Stat = Stat::unregistered();
 pub static DROPPED: Stat = Stat::unregistered();
@@ -59,12 +60,13 @@ impl Gauge for SpoolMemory {
     }
 }
 
-static STATS: Stats<11> = Table([
+static STATS: Stats<12> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
     INCOMPLETE.export(c"events_incomplete"),
     FAILOVERS.export(c"failovers"),
+    UNKEYED.export(c"events_unkeyed"),
     SPOOLED.export(c"events_spooled"),
     REPLAYED.export(c"events_replayed"),
     DROPPED.export(c"events_dropped"),
@@ -73,13 +75,21 @@ static STATS: Stats<11> = Table([
     STATS_END,
 ]);
 
-static MI_COMMANDS: Commands<3> = Table([
+static MI_COMMANDS: Commands<4> = Table([
     mi::command(
         c"event_virtual_list",
         c"lists the virtual subscriptions, their subscribers' health and counters",
         [
             Recipe::new::<ListAll>(&[]),
             Recipe::new::<ListEvent>(&[c"event"]),
+        ],
+    ),
+    mi::command(
+        c"event_virtual_hash",
+        c"where a value of a HASH subscription's parameter goes now, and the order it would fail over in",
+        [
+            Recipe::new::<HashByIndex>(&[c"event", c"index", c"value"]),
+            Recipe::new::<HashBySocket>(&[c"event", c"socket", c"value"]),
         ],
     ),
     mi::command(

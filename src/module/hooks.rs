@@ -37,7 +37,14 @@ impl Hooks for Virtual {
         let (Some(a), Some(b)) = (SockRef::of(a), SockRef::of(b)) else {
             return false;
         };
-        let same = socket::same_subscription(a.policy, &a.tokens(), b.policy, &b.tokens());
+        let same = socket::same_socket(
+            a.policy,
+            a.key(),
+            &a.tokens(),
+            b.policy,
+            b.key(),
+            &b.tokens(),
+        );
         if same && a.spool != b.spool {
             // the option is not identity: a refresh keeps the spool the
             // subscription was made with

@@ -1,5 +1,6 @@
 //! MI `event_virtual_list`: every live virtual subscription, its policy,
-//! where the rotation stands, and each subscriber's health and counters.
+//! where the rotation stands, and each subscriber's health and counters;
+//! and MI `event_virtual_hash`: where a HASH subscription places a value.
 
 #![forbid(unsafe_code)]
 
@@ -18,17 +19,36 @@ use std::sync::atomic::Ordering;
 /// for the rendering, after the lock.
 type Listed = Vec<(Vec<u8>, SockRef, Option<u32>)>;
 
-fn render(root: &Item, list: &Listed) -> Result<(), Full> {
-    let (now, window) = (now_ms(), exports::rules().window_ms);
-    let wall_ms = std::time::SystemTime::now()
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn render_state(so: &Item, state: State, wall_ms: u64) -> Result<(), Full> {
+    match state {
+        State::Healthy => so.string("state", b"healthy"),
+        State::Failing => so.string("state", b"failing"),
+        State::Skipped { for_ms } => {
+            so.string("state", b"skipped")?;
+            so.number("skipped_for_ms", for_ms as f64)?;
+            // wall-clock time, in whole seconds, when it is tried again
+            so.number("skipped_until", (wall_ms + for_ms).div_ceil(1000) as f64)
+        }
+    }
+}
+
+fn render(root: &Item, list: &Listed) -> Result<(), Full> {
+    let (now, window, wall_ms) = (now_ms(), exports::rules().window_ms, wall_ms());
     let subscriptions = root.array("Subscriptions")?;
     for (event, sock, expire) in list {
         let o = subscriptions.element()?;
         o.string("event", event)?;
         o.string("socket", &[&b"virtual:"[..], sock.text()].concat())?;
         o.string("policy", sock.policy.name().as_bytes())?;
+        if let Some(key) = sock.key() {
+            o.string("key", key)?;
+        }
         if let Some(expire) = expire {
             o.number("expire", (*expire).into())?;
         }
@@ -58,16 +78,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
                 spool_view(&so, q, now, eligible)?;
             }
             so.string("socket", sock.token(s))?;
-            match s.health.state(now, window) {
-                State::Healthy => so.string("state", b"healthy")?,
-                State::Failing => so.string("state", b"failing")?,
-                State::Skipped { for_ms } => {
-                    so.string("state", b"skipped")?;
-                    so.number("skipped_for_ms", for_ms as f64)?;
-                    // wall-clock time, in whole seconds, when it is tried again
-                    so.number("skipped_until", (wall_ms + for_ms).div_ceil(1000) as f64)?;
-                }
-            }
+            render_state(&so, s.health.state(now, window), wall_ms)?;
             so.number("attempts", s.health.attempts() as f64)?;
             so.number("failures", s.health.failures() as f64)?;
         }
@@ -110,7 +121,9 @@ fn spool_view(o: &Item, q: &Queue, now: u64, eligible_at: u64) -> Result<(), Ful
     Ok(())
 }
 
-fn list(filter: Option<&[u8]>) -> Response {
+/// The live virtual subscriptions, of every event or of one; an error
+/// response when that event does not exist.
+fn collect(filter: Option<&[u8]>) -> Result<Listed, Response> {
     let mut list = Vec::new();
     let walked = TRANSPORT.walk_subscriptions(filter, |event, sock, expire| {
         if let Some(sock) = SockRef::of(sock) {
@@ -119,10 +132,17 @@ fn list(filter: Option<&[u8]>) -> Response {
     });
     if walked.is_err() {
         let event = socket::quote(filter.unwrap_or_default());
-        return Response::error(404, &format!("unknown event '{event}'"));
+        return Err(Response::error(404, &format!("unknown event '{event}'")));
     }
-    Response::result(|root| render(root, &list))
-        .unwrap_or_else(|Full| Response::error(500, "out of memory building the list"))
+    Ok(list)
+}
+
+fn list(filter: Option<&[u8]>) -> Response {
+    match collect(filter) {
+        Ok(list) => Response::result(|root| render(root, &list))
+            .unwrap_or_else(|Full| Response::error(500, "out of memory building the list")),
+        Err(resp) => resp,
+    }
 }
 
 /// `event_virtual_list`
@@ -143,6 +163,97 @@ impl Handler for ListEvent {
             Some(event) => list(Some(event)),
             None => Response::error(400, "the 'event' parameter must be a string"),
         }
+    }
+}
+
+/// Which of an event's virtual subscriptions an MI caller means.
+enum Pick<'a> {
+    Index(usize),
+    Socket(&'a [u8]),
+}
+
+fn hash(params: Params<'_>, pick: Option<Pick<'_>>) -> Response {
+    let (Some(event), Some(value), Some(pick)) =
+        (params.string(c"event"), params.string(c"value"), pick)
+    else {
+        return Response::error(
+            400,
+            "event and value must be strings, and index a number from 0 or socket a string",
+        );
+    };
+    let list = match collect(Some(event)) {
+        Ok(list) => list,
+        Err(resp) => return resp,
+    };
+    let found = match pick {
+        Pick::Index(i) => list.get(i),
+        Pick::Socket(text) => {
+            let text = text.strip_prefix(b"virtual:").unwrap_or(text);
+            list.iter().find(|(_, sock, _)| sock.text() == text)
+        }
+    };
+    let Some((event, sock, _)) = found else {
+        return Response::error(404, "no such virtual subscription of this event");
+    };
+    let Some(key) = sock.key() else {
+        let text = socket::quote(sock.text());
+        return Response::error(400, &format!("'virtual:{text}' is not a HASH subscription"));
+    };
+    let (now, window, wall_ms) = (now_ms(), exports::rules().window_ms, wall_ms());
+    let subs = sock.subs();
+    let digest = policy::digest(value);
+    let seeds: Vec<u64> = subs.iter().map(|s| s.health.seed()).collect();
+    let states: Vec<State> = subs.iter().map(|s| s.health.state(now, window)).collect();
+    let skipped: Vec<bool> = states
+        .iter()
+        .map(|s| matches!(s, State::Skipped { .. }))
+        .collect();
+    let attempts = policy::hash_attempts(digest, &seeds, &skipped);
+    let render = |o: &Item| -> Result<(), Full> {
+        o.string("event", event)?;
+        o.string("socket", &[&b"virtual:"[..], sock.text()].concat())?;
+        o.string("key", key)?;
+        o.string("value", value)?;
+        o.string("digest", format!("{digest:#018x}").as_bytes())?;
+        o.string("target", sock.token(&subs[attempts[0]]))?;
+        o.number("target_index", attempts[0] as f64)?;
+        let tries = o.array("Attempts")?;
+        for &i in &attempts {
+            let so = tries.element()?;
+            so.number("index", i as f64)?;
+            so.string("socket", sock.token(&subs[i]))?;
+        }
+        let ranks = o.array("Order")?;
+        for i in policy::hash_order(digest, &seeds) {
+            let so = ranks.element()?;
+            so.number("index", i as f64)?;
+            so.string("socket", sock.token(&subs[i]))?;
+            let score = policy::score(seeds[i], digest);
+            so.string("score", format!("{score:#018x}").as_bytes())?;
+            render_state(&so, states[i], wall_ms)?;
+        }
+        Ok(())
+    };
+    Response::result(render)
+        .unwrap_or_else(|Full| Response::error(500, "out of memory building the answer"))
+}
+
+/// `event_virtual_hash event=NAME index=N value=V`
+pub struct HashByIndex;
+
+impl Handler for HashByIndex {
+    fn call(params: Params<'_>) -> Response {
+        let index = params.int(c"index").and_then(|i| usize::try_from(i).ok());
+        hash(params, index.map(Pick::Index))
+    }
+}
+
+/// `event_virtual_hash event=NAME socket=S value=V`
+pub struct HashBySocket;
+
+impl Handler for HashBySocket {
+    fn call(params: Params<'_>) -> Response {
+        hash(params, params.string(c"socket").map(Pick::Socket))
     }
 }
 

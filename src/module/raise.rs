@@ -5,10 +5,12 @@
 #![forbid(unsafe_code)]
 
 use super::chain;
-use super::exports::{self, DELIVERED, EVENTS, FAILED, FAILOVERS, INCOMPLETE};
+use std::sync::atomic::Ordering;
+
+use super::exports::{self, DELIVERED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, UNKEYED};
 use super::spool::{self, Pushed};
 use super::vsock::SockRef;
-use crate::opensips::event::{Event, EventCopy, Msg};
+use crate::opensips::event::{Event, EventCopy, Msg, ParamValue};
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
 use crate::policy::{self, Attempt, Driver, Outcome, Progress, Transition, Walk};
@@ -27,10 +29,13 @@ pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
             Pushed::Empty => {}
         }
     }
+    let mut int_text = [0u8; 11];
+    let value = hash_value(&sock, &event, &mut int_text);
     let mut driver = CoreDriver::new(&sock, Some(event), None, event.msg());
     let progress = policy::deliver(
         sock.policy,
         &sock.rotation,
+        value,
         sock.subs(),
         exports::rules(),
         now_ms(),
@@ -41,6 +46,40 @@ pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
         Progress::Pending => true,
         Progress::Done(out) => driver.settle(out),
     }
+}
+
+/// HASH: this event's value of the socket's parameter, the bytes it is
+/// placed by (an integer as its decimal text, written into `buf`).  None
+/// for the other policies, and for an event without the parameter.
+pub fn placement_value<'a>(
+    sock: &SockRef,
+    event: &Event<'a>,
+    buf: &'a mut [u8; 11],
+) -> Option<&'a [u8]> {
+    match event.param(sock.key()?)? {
+        ParamValue::Str(s) => Some(s),
+        ParamValue::Int(n) => Some(policy::int_text(n, buf)),
+    }
+}
+
+/// [`placement_value`] for a raise: an event without the parameter is
+/// counted, and said once per subscription.
+fn hash_value<'a>(sock: &SockRef, event: &Event<'a>, buf: &'a mut [u8; 11]) -> Option<&'a [u8]> {
+    let key = sock.key()?;
+    let value = placement_value(sock, event, buf);
+    if value.is_none() {
+        UNKEYED.add(1);
+        if !sock.unkeyed_said.swap(true, Ordering::Relaxed) {
+            log!(
+                WARN,
+                "event '{}' has no parameter '{}': 'virtual:{}' spreads such events round-robin (said once)",
+                socket::quote(event.name()),
+                socket::quote(key),
+                socket::quote(sock.text())
+            );
+        }
+    }
+    value
 }
 
 /// Hands one event to one subscriber at a time, on a virtual socket that

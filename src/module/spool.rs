@@ -334,10 +334,14 @@ impl Replayer for Replay<'_> {
                 Attempted::Failed
             };
         }
+        // HASH: placed by the held event's own parameter, as when raised
+        let mut int_text = [0u8; 11];
+        let value = super::raise::placement_value(sock, &event, &mut int_text);
         let mut driver = CoreDriver::replaying(sock, event, (qi, lease.token));
         match policy::deliver(
             sock.policy,
             &sock.rotation,
+            value,
             sock.subs(),
             rules,
             now,

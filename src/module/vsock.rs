@@ -27,14 +27,14 @@
 use std::cell::UnsafeCell;
 use std::ops::Deref;
 use std::ptr::{self, NonNull, null_mut};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use crate::opensips::evi::{CoreSock, reply_sock};
 use crate::opensips::evi_reply_sock;
 use crate::opensips::shm::{ShmRc, Tail, tail_offset};
 use crate::opensips::str::{self, str_};
 use crate::opensips::transport::{SubSocket, Transport};
-use crate::policy::Health;
+use crate::policy::{self, Health};
 use crate::socket::{self, ParseError, Policy, Transports};
 use crate::spool::{Queue, SpoolOption, queue_count};
 
@@ -45,6 +45,8 @@ pub struct VSock {
     pub policy: Policy,
     n: u32,
     pub rotation: AtomicU64,
+    /// HASH: set once an event without the parameter has been logged.
+    pub unkeyed_said: AtomicBool,
     /// Spool queues after the Subs; 0: no spool.
     q: u32,
     /// The `SPOOL(...)` option the socket was made with.
@@ -124,9 +126,13 @@ impl SockRef {
             // socket.rs caps it at MAX_SUBSCRIBERS
             n: subs.len() as u32,
             rotation: AtomicU64::new(0),
+            unkeyed_said: AtomicBool::new(false),
             q: q as u32,
             spool: parsed.spool,
         };
+        // HASH's rendezvous seeds (the other policies ignore them)
+        let tokens: Vec<&[u8]> = parsed.subs.iter().map(|s| s.token).collect();
+        let seeds = policy::seeds(&tokens);
         // out of memory: the sub-sockets are dropped with `subs`, released
         let mut subs = Some(subs);
         let mut block = ShmRc::new(head, subs_len + queues_len + text_len, |tail| {
@@ -144,12 +150,13 @@ impl SockRef {
             }
             let spans = socket::print_into(&parsed, text);
             let opened = subs.take().unwrap_or_default();
-            for (i, ((_, sock), (off, len))) in opened.into_iter().zip(spans).enumerate() {
+            let each = opened.into_iter().zip(spans).zip(seeds);
+            for (i, (((_, sock), (off, len)), seed)) in each.enumerate() {
                 let sub = Sub {
                     sock,
                     token_off: off as u32,
                     token_len: len as u32,
-                    health: Health::default(),
+                    health: Health::seeded(seed),
                 };
                 // SAFETY: the payload has room for n Subs, aligned (see the
                 // asserts above); each is written once.
@@ -219,6 +226,11 @@ impl SockRef {
     pub fn token(&self, sub: &Sub) -> &[u8] {
         let off = sub.token_off as usize;
         &self.text()[off..off + sub.token_len as usize]
+    }
+
+    /// HASH's parameter name; None for the other policies.
+    pub fn key(&self) -> Option<&[u8]> {
+        socket::printed_key(self.text())
     }
 
     pub fn tokens(&self) -> Vec<&[u8]> {

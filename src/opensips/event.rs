@@ -1,6 +1,7 @@
 //! Events as the core raises them, and copies of them in shared memory
 //! that a later report, in any process, raises again.
 
+use std::ffi::c_int;
 use std::marker::PhantomData;
 use std::ptr::null_mut;
 
@@ -92,9 +93,46 @@ impl<'a> Event<'a> {
         unsafe { self.name.as_ref().map(|n| str::bytes(n)) }.unwrap_or_default()
     }
 
+    /// The value of the parameter called `name` (the first of that name):
+    /// a string, or an integer; None when the event has no such parameter.
+    pub fn param(&self, name: &[u8]) -> Option<ParamValue<'a>> {
+        let (mut s, mut len, mut n) = (std::ptr::null(), 0, 0);
+        let name_len = c_int::try_from(name.len()).ok()?;
+        // SAFETY: the parameters are null or the event's, valid for 'a; the
+        // shim only reads them, and points s into them.
+        let kind = unsafe {
+            sys::evv_param_value(
+                self.params,
+                name.as_ptr().cast(),
+                name_len,
+                &mut s,
+                &mut len,
+                &mut n,
+            )
+        };
+        match kind as u32 {
+            sys::evv_param_kind_EVV_PARAM_STR => {
+                let value = str_ {
+                    s: s.cast_mut(),
+                    len,
+                };
+                // SAFETY: the string is the event's, valid for 'a.
+                Some(ParamValue::Str(unsafe { str::bytes(&value) }))
+            }
+            sys::evv_param_kind_EVV_PARAM_INT => Some(ParamValue::Int(n)),
+            _ => None,
+        }
+    }
+
     pub(super) fn parts(&self) -> (*mut sip_msg, *mut str_, *mut evi_params_t) {
         (self.msg, self.name, self.params)
     }
+}
+
+/// An event parameter's value.
+pub enum ParamValue<'a> {
+    Str(&'a [u8]),
+    Int(i32),
 }
 
 /// The name and parameters of an event, copied into shared memory.

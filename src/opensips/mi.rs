@@ -108,6 +108,16 @@ impl<'a> Params<'a> {
     }
 }
 
+impl Params<'_> {
+    /// An integer parameter; None when missing or not an integer.
+    pub fn int(self, key: &CStr) -> Option<i32> {
+        let mut n: c_int = 0;
+        // SAFETY: as for string; n is set to the parameter's value.
+        let rc = unsafe { sys::get_mi_int_param(self.0, key.as_ptr().cast_mut(), &mut n) };
+        (rc >= 0).then_some(n)
+    }
+}
+
 /// One way to call an MI command.
 pub trait Handler {
     fn call(params: Params<'_>) -> Response;

@@ -985,7 +985,15 @@ impl Socket {
         let rules = Rules {
             window_ms: s.window_ms,
         };
-        let p = policy::deliver(s.policy, &s.rotation, &s.health, rules, s.now, &mut s.rx);
+        let p = policy::deliver(
+            s.policy,
+            &s.rotation,
+            None,
+            &s.health,
+            rules,
+            s.now,
+            &mut s.rx,
+        );
         if matches!(p, Progress::Done(o) if !o.delivered()) {
             let _ = self.hold(0, id, Enter::Failed);
         }
@@ -1066,6 +1074,7 @@ impl Replayer for Side {
             let p = policy::deliver(
                 self.policy,
                 &self.rotation,
+                None,
                 &self.health,
                 rules,
                 self.now,

@@ -30,14 +30,13 @@ FAILOVER and ROUND-ROBIN to exactly one subscriber, PARALLEL to both of its
 two subscribers (every PARALLEL socket here has exactly two).
 """
 
-import math
 import random
 import re
 import threading
 import time
 from collections import Counter
 
-from evvharness import crash_lines, stats_delta, wait_until
+from evvharness import crash_lines, stats_delta, sweep, wait_until
 
 SEED = 20240611
 OPS = 1200                 # subscribe / refresh / unsubscribe / expire operations
@@ -63,19 +62,6 @@ def _tag_of(ev):
 
 def _count(receiver, event, tag=CHURN_TAG):
     return sum(1 for e in receiver.events(event) if _tag_of(e) == tag)
-
-
-def _sweep(srv, evlist, sentinels, since, expire):
-    """One raise of each event once everything subscribed at time `since`
-    with `expire` has expired (the core counts whole seconds), seen by the
-    sentinels: the raise loop has removed what expired on its way."""
-    time.sleep(max(0.0, math.floor(since) + expire + 1.05 - time.time()))
-    before = {ev: _count(sentinels[ev], ev, "sweep") for ev in evlist}
-    for ev in evlist:
-        srv.send_sip(ev, count=1, tag="sweep")
-    for ev in evlist:
-        wait_until(lambda: _count(sentinels[ev], ev, "sweep") == before[ev] + 1, 10,
-                   f"the sweep raise of {ev}")
 
 
 def _canon(sock):
@@ -343,7 +329,7 @@ def test_churn_while_workers_raise(own_srv, recv):
 
     # ---- exactly the expected subscriptions remain -------------------------
     last_op = max(h[-1][0] for h in history.values())
-    _sweep(srv, evlist, sentinels, last_op, 2)
+    sweep(srv, sentinels, last_op, 2)
     sweeps = 1
     expected = {ev: {key for (e, key), exp in model.items() if e == ev and exp > 2}
                 for ev in evlist}
@@ -396,7 +382,7 @@ def test_churn_while_workers_raise(own_srv, recv):
         for key in stuck[p]:
             assert model.get((events[p], key), 0) <= 2, (key, history.get((events[p], key)))
             srv.unsubscribe(events[p], _text(key))
-    _sweep(srv, evlist, sentinels, time.time(), 0)
+    sweep(srv, sentinels, time.time())
     sweeps += 1
 
     def virtual_listed(ev):
@@ -439,7 +425,7 @@ def test_churn_while_workers_raise(own_srv, recv):
     for ev in evlist:
         for key in expected[ev]:
             srv.unsubscribe(ev, _text(key))
-    _sweep(srv, evlist, sentinels, time.time(), 0)
+    sweep(srv, sentinels, time.time())
     wait_until(lambda: all(sorted(srv.subscribers(ev)) == baseline_subs[ev] for ev in evlist),
                5, "the last churned subscriptions to go", interval=0.1)
 

@@ -66,7 +66,7 @@ def test_parallel_dead_and_healthy_counted_exactly(srv, recv):
     live.wait_count(n, ev)
     d = wait_stats(srv, before, n)
     assert d == {"events": n, "events_delivered": 0, "events_failed": 0,
-                 "events_incomplete": n, "failovers": 0}, d
+                 "events_incomplete": n, "failovers": 0, "events_unkeyed": 0}, d
 
     s = only_subscription(srv, ev, sock)
     assert s["event"] == ev and s["policy"] == "PARALLEL"
@@ -99,7 +99,7 @@ def test_failover_dead_first_is_skipped_and_counted(srv, recv):
     # the first event fails on `dead` and moves on (one failover); the
     # next ones skip it (inside its 30 s window)
     assert d == {"events": n, "events_delivered": n, "events_failed": 0,
-                 "events_incomplete": 0, "failovers": 1}, d
+                 "events_incomplete": 0, "failovers": 1, "events_unkeyed": 0}, d
 
     s = only_subscription(srv, ev, sock)
     assert s["policy"] == "FAILOVER" and "next" not in s
@@ -131,7 +131,7 @@ def test_round_robin_next_position_and_attempts(srv, recv):
         assert [counters(x) for x in s["Subscribers"]] == [(w, 0) for w in want], s
         assert all(x["state"] == "healthy" for x in s["Subscribers"]), s
     assert d == {"events": 7, "events_delivered": 7, "events_failed": 0,
-                 "events_incomplete": 0, "failovers": 0}, d
+                 "events_incomplete": 0, "failovers": 0, "events_unkeyed": 0}, d
 
 
 @srv30
@@ -150,7 +150,7 @@ def test_round_robin_with_dead_subscriber(srv, recv):
     # event 1 starts at the dead one, fails and moves on: one failover; then
     # the dead one is passed over for 30 s
     assert d == {"events": n, "events_delivered": n, "events_failed": 0,
-                 "events_incomplete": 0, "failovers": 1}, d
+                 "events_incomplete": 0, "failovers": 1, "events_unkeyed": 0}, d
     s = only_subscription(srv, ev, sock)
     sa, sd, sb = s["Subscribers"]
     assert sd["state"] == "skipped" and counters(sd) == (1, 1), sd
@@ -173,7 +173,7 @@ def test_all_subscribers_dead_counts_failed_events(srv, recv):
     d = wait_stats(srv, before, n)
     # every subscriber failed recently: each event is still tried on both
     assert d == {"events": n, "events_delivered": 0, "events_failed": n,
-                 "events_incomplete": 0, "failovers": n}, d
+                 "events_incomplete": 0, "failovers": n, "events_unkeyed": 0}, d
     s = only_subscription(srv, ev, sock)
     assert [(x["state"],) + counters(x) for x in s["Subscribers"]] == [
         ("skipped", n, n), ("skipped", n, n)], s

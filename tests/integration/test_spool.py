@@ -164,6 +164,28 @@ def test_round_robin_all_down_then_one_back_gets_them_all_in_order(spool_srv, re
     assert subs[0].count(ev) == subs[2].count(ev) == 0
 
 
+def test_hash_holds_and_replays_through_its_placement(spool_srv, recv):
+    """HASH(tag): one queue; a replayed event is placed by its own held
+    parameter (not counted unkeyed)."""
+    srv = spool_srv()
+    subs = [recv.dead(), recv.dead()]
+    ev = srv.new_event()
+    srv.subscribe(ev, virtual("HASH(tag) SPOOL(100)", *subs))
+    assert srv.subscribers(ev) == [virtual("HASH(tag) SPOOL(100)", *subs)]
+    unkeyed = srv.statistics("event_virtual")["events_unkeyed"]
+    raise_seqs(srv, ev, range(20))
+    wait_until(lambda: held(srv, ev)["held"] == 20, 10, "20 events held")
+    for s in subs:
+        s.bind()
+    wait_until(lambda: sum(s.count(ev) for s in subs) >= 20, 30, "20 replayed")
+    time.sleep(0.3)
+    got = seqs_of(subs[0], ev) + seqs_of(subs[1], ev)
+    assert sorted(got) == list(range(20)), "lost or duplicated"
+    for s in subs:
+        assert seqs_of(s, ev) == sorted(seqs_of(s, ev)), f"{s} out of order"
+    assert srv.statistics("event_virtual")["events_unkeyed"] == unkeyed
+
+
 def test_parallel_subscriber_down_gets_every_event_it_missed(spool_srv, recv):
     srv = spool_srv()
     a, b, c = recv.unix(), recv.unix(), recv.dead()

@@ -1,6 +1,7 @@
 """What tests check about deliveries: virtual socket strings, one event
 raised and followed to its receivers, absence and exactly-once checks."""
 
+import math
 import time
 
 from .util import DEFAULT_TIMEOUT, wait_until
@@ -70,3 +71,20 @@ def assert_each_once(receivers, event, seqs, attempts=()):
         got = seqs_of(r, event)
         assert len(got) == len(set(got)), f"{r} was tried twice with one event: {sorted(got)}"
     return [r.count(event) for r in receivers]
+
+
+def sweep(srv, sentinels, since, expire=0):
+    """Let the core remove what was unsubscribed, or subscribed at time
+    `since` with `expire` and has expired, before a test lists it: one SIP
+    raise of each event ({event: direct sentinel receiver}) once that has
+    expired (the core counts whole seconds), seen by its sentinel.
+
+    The raise loop removes expired subscriptions correctly on every
+    supported OpenSIPS; the walk MI subscribers_list runs for that cuts
+    live subscriptions out of the list on 3.4 (test_core_limits.py)."""
+    time.sleep(max(0.0, math.floor(since) + expire + 1.05 - time.time()))
+    before = {ev: r.count(ev) for ev, r in sentinels.items()}
+    for ev in sentinels:
+        srv.send_sip(ev, count=1, tag="sweep")
+    for ev, r in sentinels.items():
+        wait_until(lambda: r.count(ev) > before[ev], 10, f"the sweep raise of {ev}")

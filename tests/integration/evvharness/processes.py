@@ -12,9 +12,10 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-def _child_setup():
-    """In the child before exec: no core files, and SIGTERM when the test
-    run dies before its teardown (a timeout, ^C twice)."""
+def die_with_parent():
+    """For preexec_fn, in the child before exec: no core files, and SIGTERM
+    when the run that started it dies before its teardown (a timeout, ^C
+    twice); the bench's processes use it too."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -26,7 +27,7 @@ def spawn(argv, log_path, cwd, env=None):
         return subprocess.Popen(
             [str(a) for a in argv], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_child_setup)
+            preexec_fn=die_with_parent)
 
 
 def group_alive(pgid):

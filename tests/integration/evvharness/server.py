@@ -21,7 +21,7 @@ EVENT_POOL = [f"E_T{i}" for i in range(40)]
 
 # the statistics the module must show under event_virtual:
 VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomplete",
-                 "failovers")
+                 "failovers", "events_unkeyed")
 # ... and the spool's (issue 10), there whether a spool is configured or not
 SPOOL_STATS = ("events_spooled", "events_replayed", "events_dropped", "spool_held",
                "spool_memory")
