@@ -13,6 +13,7 @@ pub mod boundary;
 pub mod policy;
 pub mod socket;
 pub mod spool;
+pub mod text;
 
 // the unit tests never need OpenSIPS, so they do not link the boundary
 #[cfg(all(opensips, not(test)))]

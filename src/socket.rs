@@ -41,6 +41,17 @@ impl Policy {
         }
     }
 
+    /// How many spool queues a virtual socket of this policy with `n`
+    /// subscribers has: PARALLEL one per subscriber (each gets every event
+    /// it missed), every other policy one for the socket (the event needs
+    /// one taker).
+    pub fn spool_queues(self, n: usize) -> usize {
+        match self {
+            Policy::Parallel => n,
+            _ => 1,
+        }
+    }
+
     /// Exactly the upper-case name, as a whole token.
     fn from_token(tok: &[u8]) -> Option<Policy> {
         Policy::WORDS
@@ -85,6 +96,8 @@ pub fn printed_key(text: &[u8]) -> Option<&[u8]> {
     hash_key(head).ok().flatten()
 }
 
+pub use crate::text::quote;
+
 /// The transport name a virtual socket is registered under; it may not
 /// appear inside a virtual socket.
 pub const VIRTUAL_PROTO: &[u8] = b"virtual";
@@ -92,9 +105,6 @@ pub const VIRTUAL_PROTO: &[u8] = b"virtual";
 /// More subscribers than this in one virtual socket is refused: the policies
 /// keep a per-event bitmap of this size on the stack instead of allocating.
 pub const MAX_SUBSCRIBERS: usize = 1024;
-
-/// Longest piece of operator input quoted back in an error message.
-const QUOTE_MAX: usize = 120;
 
 /// One subscriber token, `proto:rest`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,19 +182,6 @@ impl fmt::Display for ParseError {
             ParseError::Option(e) => write!(f, "{e}"),
         }
     }
-}
-
-/// Operator input as it may be quoted in a log line: non-printable and
-/// non-ASCII bytes escaped, long input cut.
-pub fn quote(bytes: &[u8]) -> String {
-    let cut = bytes.len() > QUOTE_MAX;
-    let mut s = bytes[..bytes.len().min(QUOTE_MAX)]
-        .escape_ascii()
-        .to_string();
-    if cut {
-        s.push_str("...");
-    }
-    s
 }
 
 fn tokens(input: &[u8]) -> impl Iterator<Item = &[u8]> {

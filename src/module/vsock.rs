@@ -36,7 +36,7 @@ use crate::opensips::str::{self, str_};
 use crate::opensips::transport::{SubSocket, Transport};
 use crate::policy::{self, Health};
 use crate::socket::{self, ParseError, Policy, Transports};
-use crate::spool::{Queue, SpoolOption, queue_count};
+use crate::spool::{Queue, SpoolOption};
 
 pub struct VSock {
     /// What the core holds; it writes flags, expire and subscription time
@@ -117,7 +117,7 @@ impl SockRef {
         let subs = socket::open_subscribers(&mut CoreTransports, &parsed)?;
         let subs_len = subs.len() * size_of::<Sub>();
         let limits = super::spool::limits(parsed.spool);
-        let q = limits.map_or(0, |_| queue_count(parsed.policy, subs.len()));
+        let q = limits.map_or(0, |_| parsed.policy.spool_queues(subs.len()));
         let queues_len = q * size_of::<Queue>();
         let text_len = socket::printed_len(&parsed);
         let head = VSock {

@@ -22,7 +22,7 @@
 use std::fmt;
 use std::iter::Peekable;
 
-use crate::socket::quote;
+use crate::text::quote;
 
 /// The largest `spool_size`, per queue: a bound on what one typing slip
 /// can ask for (the memory budget bounds what it gets).

@@ -49,8 +49,6 @@ pub use queue::{
 pub use replay::{Attempted, Replayer, Tally};
 pub use wake::{Doorbell, Due};
 
-use crate::socket::Policy;
-
 /// Why held events were dropped.  Every drop has one, and is counted
 /// under it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -97,15 +95,5 @@ impl Reason {
 
     fn index(self) -> usize {
         self as usize
-    }
-}
-
-/// How many queues a virtual socket of `policy` with `n` subscribers has:
-/// PARALLEL one per subscriber (each gets every event it missed), every
-/// other policy one for the socket (the event needs one taker).
-pub fn queue_count(policy: Policy, n: usize) -> usize {
-    match policy {
-        Policy::Parallel => n,
-        _ => 1,
     }
 }

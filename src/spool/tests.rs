@@ -912,7 +912,7 @@ struct Socket {
 impl Socket {
     fn new(policy: Policy, n: usize, capacity: u32, window_ms: u64) -> Socket {
         Socket {
-            queues: (0..queue_count(policy, n))
+            queues: (0..policy.spool_queues(n))
                 .map(|_| Queue::new(limits(capacity, 0)))
                 .collect(),
             budget: Budget::new(1 << 30),
