@@ -8,7 +8,8 @@ raise events in a script loop, one with the module under test ($EVV_MODULE,
 default <repo>/event_virtual.so), one with the C module
 $OPENSIPS_SRC/modules/event_virtual/event_virtual.so when it is built (the
 two cannot be loaded together; both run at once and each measurement is taken
-on one then the other), and prints rates and the ratios to compare:
+on one then the other; the spool replay rows run on a third OpenSIPS with
+this module), and prints rates and the ratios to compare:
 
   sync      direct UDP, ROUND-ROBIN / FAILOVER / PARALLEL x3 over UDP, each
             raised with two parameters and without any;
@@ -17,7 +18,14 @@ on one then the other), and prints rates and the ratios to compare:
   async     event_stream (reliable mode, a local JSON-RPC server answering at
             once): direct, direct x2 in turn (the transport's work of a
             ROUND-ROBIN x2), FAILOVER x2, ROUND-ROBIN x2;
-  rabbitmq  the same over a local RabbitMQ broker (event_rabbitmq).
+  rabbitmq  the same over a local RabbitMQ broker (event_rabbitmq);
+  spool     ROUND-ROBIN and FAILOVER x3 over UDP with SPOOL(1000), on and
+            empty (UDP subscribers never fail), against the same without;
+            and the replay: events per second a FAILOVER SPOOL queue full of
+            --spool-events event_stream events drains into its subscriber
+            when it comes back (ours only, on a third OpenSIPS with
+            failover_timeout 0 and spool_retry_interval 50), against the
+            direct event_stream rate.
 
 Rows are in ROWS below, one line each; `--only GROUP,...` picks groups (the
 rows they are compared to come along). Synchronous rows: rate = raises per
@@ -60,7 +68,7 @@ from evvharness.processes import die_with_parent, group_alive  # noqa: E402
 
 C_MODULE = OPENSIPS_SRC / "modules" / "event_virtual" / "event_virtual.so"
 
-GROUPS = ("sync", "scale", "async", "rabbitmq")
+GROUPS = ("sync", "scale", "async", "rabbitmq", "spool")
 
 
 # --------------------------------------------------------------------------
@@ -129,11 +137,18 @@ ROWS = [
         target=0.9),
     Row("rabbitmq", "QRR", "ROUND-ROBIN x2 RabbitMQ, 2 params", "rmq", RR, 2, True, "QD",
         target=0.9),
+    Row("spool", "RR_S", "ROUND-ROBIN x3 SPOOL(1000), no params", "udp", f"{RR} SPOOL(1000)",
+        3, False, "RR_N", target=0.9, c_has_it=False),
+    Row("spool", "FO_S", "FAILOVER x3 SPOOL(1000), no params", "udp", f"{FO} SPOOL(1000)",
+        3, False, "FO_N", target=0.9, c_has_it=False),
+    # measured by ReplayRun: rate = held events replayed per second
+    Row("spool", "SPR", "FAILOVER SPOOL replay, event_stream, 2 params", "replay",
+        f"{FO} SPOOL({{n}})", 1, True, "SD", c_has_it=False),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 # ratios printed under the tables besides each row's own: (row, compared to)
 DERIVED = [("SRR", "SD2"), ("QRR", "QD2")]
-ASYNC = ("stream", "rmq")
+ASYNC = ("stream", "rmq", "replay")
 
 # distinct UDP sinks per row; longer lists repeat them (a list may repeat tokens)
 MAX_DISTINCT_SINKS = 10
@@ -251,7 +266,7 @@ modparam("event_stream", "reliable_mode", 1)
 modparam("event_stream", "timeout", 10000)
 {rabbitmq}loadmodule "{module}"
 modparam("event_virtual", "failover_timeout", {failover_timeout})
-
+{extra}
 # "X-Event: B_x" + "X-Count: N": raise B_x N times in this worker (with
 # params tag, pid - set once, outside the loop - or none), then reply
 # "200 done <pid> <raises> <raises that returned an error>".
@@ -287,11 +302,15 @@ RAISE = """                if (!raise_event("{ev}"{args}))
 class BenchOpenSips(OpenSips):
     """The harness's server (start, stop, MI) with the bench script."""
 
-    def __init__(self, workdir, module, rows, args, rabbitmq):
+    def __init__(self, workdir, module, rows, args, rabbitmq, failover_timeout=None,
+                 extra=""):
         super().__init__(workdir, workers=args.workers, log_level=args.log_level)
         self.module = Path(module)
         self.rows = rows
         self.rabbitmq = rabbitmq
+        self.failover_timeout = FAILOVER_TIMEOUT if failover_timeout is None \
+            else failover_timeout
+        self.extra = extra
 
     def _write_cfg(self):
         def case(r):
@@ -304,7 +323,8 @@ class BenchOpenSips(OpenSips):
         cfg = BENCH_CFG.format(
             log_level=self.log_level, workers=self.workers, sip_port=self.sip_port,
             mi_port=self.mi_port, mpath=f"{OPENSIPS_SRC}/modules/", module=self.module,
-            failover_timeout=FAILOVER_TIMEOUT, rabbitmq=rmq, cases=cases)
+            failover_timeout=self.failover_timeout, extra=self.extra, rabbitmq=rmq,
+            cases=cases)
         self.cfg_path = self.workdir / "opensips.cfg"
         self.cfg_path.write_text(cfg)
 
@@ -375,6 +395,18 @@ class RpcServer:
 
     def counts(self):
         return json.loads(self._cmd("counts"))
+
+    def reserve(self):
+        """A port bound but not listening: a subscriber that is down."""
+        return int(self._cmd("reserve"))
+
+    def open(self, port):
+        self._cmd(f"open {port}")
+
+    def close_port(self, port):
+        ans = self._cmd(f"close {port}")
+        if ans != "ok":
+            raise SystemExit(f"bench: the JSON-RPC server could not close {port}: {ans}")
 
     def close(self):
         if self.proc.poll() is None:
@@ -651,13 +683,17 @@ class ServerRun:
     def __init__(self, label, module, rows, args, workdir, reaper, rpc, broker):
         self.label = label
         self.module = module
-        self.rows = rows
+        self.rows = [r for r in rows if r.transport != "replay"]  # ReplayRun's
         self.args = args
         self.reaper = reaper
-        self.srv = BenchOpenSips(workdir, module, rows, args, rabbitmq=broker is not None)
+        self.srv = BenchOpenSips(workdir, module, self.rows, args,
+                                 rabbitmq=broker is not None)
         self.subs = Subscribers(workdir, rpc, broker)
         self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
                                 "lost": []} for r in rows}
+        for r in rows:
+            if r.transport == "replay" and label == "C":
+                self.results[r.key]["error"] = "the C module has no spool"
         self.runner = None
         self.counts = {}
         self.dead = None  # why this server is no longer measured
@@ -668,7 +704,8 @@ class ServerRun:
         self.reaper.tell("pgid", self.srv.proc.pid)
         for r in self.rows:
             if self.label == "C" and not r.c_has_it:
-                self.fail(r, f"the C module has no {r.policy} policy")
+                self.fail(r, "the C module has no spool" if "SPOOL(" in r.policy
+                          else f"the C module has no {r.policy} policy")
                 continue
             try:
                 used0 = self.srv.shm_used()
@@ -709,7 +746,7 @@ class ServerRun:
             self.counts[r.key] = n
 
     def measure(self, row, rnd):
-        if not self.live(row):
+        if row not in self.rows or not self.live(row):
             return
         rate, cpu = self.runner.measure(row, self.counts[row.key])
         if rate is None:  # an asynchronous transport lost events: not a figure
@@ -730,6 +767,8 @@ class ServerRun:
             self.results[r.key]["failed"] = self.runner.failed.get(r.event, 0)
         self.srv._check_running()
         errors = self.srv.log.errors_since(0)
+        if isinstance(self, ReplayRun):  # the subscriber down: expected
+            errors = [e for e in errors if "event_stream" not in e]
         if errors:
             log(f"[{self.label}] {len(errors)} ERROR line(s) in the OpenSIPS log, "
                 f"e.g.: {errors[0]}")
@@ -739,6 +778,120 @@ class ServerRun:
             self.runner.close()
         self.srv.stop()  # never unsubscribes: the C module crashes on that
         self.subs.close()
+
+
+class ReplayRun(ServerRun):
+    """A third OpenSIPS, this module only, for the replay rows: its event_stream
+    subscriber is a port of the JSON-RPC server bound but not listening (down).
+    One measurement: raise --spool-events events, wait until the spool holds
+    them all (spool_held), open the port, and time until events_replayed grew
+    by as many (get_statistics polled every 10 ms); then close the port again.
+    failover_timeout 0 (a failed subscriber is not skipped) and
+    spool_retry_interval 50 ms: the drain starts at most ~50 ms after the
+    port opens, and that wait is part of the time."""
+
+    RETRY_MS = 50
+
+    def __init__(self, module, rows, args, workdir, reaper, rpc):
+        self.label = "ours spool"
+        self.module = module
+        self.rows = [r for r in rows if r.transport == "replay"]
+        self.args = args
+        self.reaper = reaper
+        self.rpc = rpc
+        self.n = max(1, args.spool_events // args.workers)  # per worker
+        extra = (f'modparam("event_virtual", "spool_retry_interval", {self.RETRY_MS})\n'
+                 f'modparam("event_virtual", "spool_max_memory", "{args.spool_memory}")\n')
+        self.srv = BenchOpenSips(workdir, module, self.rows, args, rabbitmq=False,
+                                 failover_timeout=0, extra=extra)
+        self.subs = Subscribers(workdir, rpc, None)
+        self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
+                                "lost": []} for r in self.rows}
+        self.runner = None
+        self.counts = {}
+        self.ports = {}
+        self.dead = None
+
+    def start(self):
+        log(f"[{self.label}] starting OpenSIPS with {self.module} (failover_timeout 0, "
+            f"spool_retry_interval {self.RETRY_MS})")
+        self.srv.start()
+        self.reaper.tell("pgid", self.srv.proc.pid)
+        for r in self.rows:
+            port = self.rpc.reserve()
+            self.ports[r.key] = port
+            size = max(1000, 2 * self.n * self.args.workers)
+            used0 = self.srv.shm_used()
+            self.srv.subscribe(r.event, virtual(r.policy.format(n=size),
+                                                f"tcp:127.0.0.1:{port}"))
+            self.results[r.key]["shm"] = self.srv.shm_used() - used0
+        self.runner = Runner(self.srv, self.subs, self.args.workers, ours=True)
+
+    def _wait(self, what, cond, stall=10.0):
+        """Poll the statistics every 10 ms until cond(stats); (stats, None) or
+        (stats, why) when nothing moved for `stall` seconds."""
+        last, t_last = None, time.monotonic()
+        while True:
+            s = self.srv.virtual_stats()
+            if cond(s):
+                return s, None
+            key = (s["spool_held"], s["events_replayed"], s["events_spooled"])
+            if key != last:
+                last, t_last = key, time.monotonic()
+            elif time.monotonic() - t_last > stall:
+                return s, f"{what}: stalled at {s}"
+            time.sleep(0.01)
+
+    def cycle(self, row, n):
+        """(events replayed per second, CPU-µs per event) or (None, why)."""
+        total = n * self.args.workers
+        port = self.ports[row.key]
+        s0 = self.srv.virtual_stats()
+        if s0["spool_held"]:
+            return None, f"spool_held {s0['spool_held']} before raising"
+        self.runner.once(row.event, n)
+        s1, why = self._wait("holding", lambda s: s["spool_held"] >= total)
+        if why:
+            return None, why
+        if s1["events_dropped"] != s0["events_dropped"]:
+            return None, f"events_dropped +{s1['events_dropped'] - s0['events_dropped']}"
+        got0 = self.rpc.counts().get(row.event, 0)
+        cpu0 = cpu_ns(self.runner.all_pids)
+        t0 = time.perf_counter()
+        self.rpc.open(port)
+        try:
+            s2, why = self._wait("replaying", lambda s: s["events_replayed"]
+                                 - s1["events_replayed"] >= total)
+            t1 = time.perf_counter()
+            cpu = (cpu_ns(self.runner.all_pids) - cpu0) / 1e9
+            got = self.rpc.counts().get(row.event, 0) - got0
+        finally:
+            self.rpc.close_port(port)
+        if why:
+            return None, why
+        if got != total:
+            return None, f"the subscriber got {got} of {total}"
+        if s2["events_dropped"] != s0["events_dropped"]:
+            return None, f"events_dropped +{s2['events_dropped'] - s0['events_dropped']}"
+        return total / (t1 - t0), cpu * 1e6 / total
+
+    def warm_up(self):
+        for r in self.rows:
+            rate, why = self.cycle(r, max(2, self.n // 10))
+            if rate is None:
+                self.results[r.key]["lost"].append(f"warm-up: {why}")
+            self.counts[r.key] = self.n
+
+    def measure(self, row, rnd):
+        if row not in self.rows or not self.live(row):
+            return
+        rate, cpu = self.cycle(row, self.counts[row.key])
+        if rate is None:
+            self.results[row.key]["lost"].append(f"round {rnd + 1}: {cpu}")
+            log(f"[{self.label}] {row.key}: round {rnd + 1}: {cpu}: round left out")
+            return
+        self.results[row.key]["rate"].append(rate)
+        self.results[row.key]["cpu"].append(cpu)
 
 
 LOAD_SEEN = []  # 1-minute load average after each round
@@ -820,11 +973,10 @@ def ratio(res, row, stat, field):
 def build_tables(rows, ours, c, stat):
     """{title: rows of cells} for the report."""
     tables = {}
-    for group in GROUPS:
-        grows = [r for r in rows if r.group == group]
+    for group, is_async in [(g, a) for g in GROUPS for a in (False, True)]:
+        grows = [r for r in rows if r.group == group and (r.transport in ASYNC) == is_async]
         if not grows:
             continue
-        is_async = grows[0].transport in ASYNC
         unit = "events/s" if is_async else "raises/s"
         cunit = "CPU-µs/event" if is_async else "raises/CPU-s"
         head = ["row", "vs", f"ours {unit}", "ours ratio", f"ours {cunit}", "CPU ratio"]
@@ -856,7 +1008,8 @@ def build_tables(rows, ours, c, stat):
                     "-" if x is None else ("yes" if x >= r.target else "NO")
                     for x in (orat, crat))]
             table.append(cells)
-        tables[group] = table
+        tables[group if group != "spool" else f"spool_{'replay' if is_async else 'empty'}"] \
+            = table
     return tables
 
 
@@ -933,6 +1086,9 @@ TITLES = {
     "scale": "Long lists and a dead subscriber (UDP, no params)",
     "async": "Asynchronous delivery: event_stream, reliable mode (local JSON-RPC server)",
     "rabbitmq": "Asynchronous delivery: event_rabbitmq (local broker)",
+    "spool_empty": "Spool on and empty (UDP subscribers never fail), against no spool",
+    "spool_replay": "Spool replay: a full FAILOVER SPOOL queue drained into its event_stream "
+                    "subscriber when it comes back (events/s), against direct event_stream",
 }
 
 
@@ -998,6 +1154,11 @@ def main():
                          "per row is sized from the warm-up (default 0.25)")
     ap.add_argument("--async-events", type=int, default=1000,
                     help="events per worker per asynchronous measurement (default 1000)")
+    ap.add_argument("--spool-events", type=int, default=5000,
+                    help="events held, then replayed, per spool replay measurement "
+                         "(default 5000)")
+    ap.add_argument("--spool-memory", default="12M",
+                    help="spool_max_memory of the replay OpenSIPS (default 12M)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds, rows interleaved in each (default 5)")
     ap.add_argument("--stat", choices=("median", "best"), default="median",
@@ -1048,10 +1209,13 @@ def main():
                 broker.close()
                 broker = None
                 rows = [r for r in rows if r.transport != "rmq"]
-        if any(r.transport == "stream" for r in rows):
+        if any(r.transport in ("stream", "replay") for r in rows):
             rpc = RpcServer(reaper)
         runs = [ServerRun("ours", EVV_MODULE.resolve(), rows, args, workdir / "ours",
                           reaper, rpc, broker)]
+        if any(r.transport == "replay" for r in rows):
+            runs.append(ReplayRun(EVV_MODULE.resolve(), rows, args, workdir / "ours-spool",
+                                  reaper, rpc))
         if args.no_c:
             c_note = "C module run skipped (--no-c)"
         elif C_MODULE.is_file():
@@ -1066,7 +1230,10 @@ def main():
             for run in runs:
                 run.stop()
         ours = runs[0].results
-        c = runs[1].results if len(runs) > 1 else None
+        for run in runs:
+            if isinstance(run, ReplayRun):
+                ours.update(run.results)
+        c = next((run.results for run in runs if run.label == "C"), None)
         for run in runs:
             if run.dead:
                 notes.append(f"the {run.label} OpenSIPS was lost ({run.dead}); rows not "
@@ -1112,7 +1279,11 @@ def main():
         ("setting", f"{args.workers} UDP worker(s); synchronous rows ~{args.seconds} s per "
                     f"measurement, asynchronous rows {args.async_events} events per worker; "
                     f"{args.rounds} rounds, rows interleaved, {args.stat} shown; log_level "
-                    f"{args.log_level}; failover_timeout {FAILOVER_TIMEOUT}"),
+                    f"{args.log_level}; failover_timeout {FAILOVER_TIMEOUT}"
+                    + (f"; spool replay: {args.spool_events} events per measurement, "
+                       f"spool_max_memory {args.spool_memory}, failover_timeout 0, "
+                       f"spool_retry_interval {ReplayRun.RETRY_MS} ms"
+                       if any(r.transport == "replay" for r in rows) else "")),
         ("command", cmd),
         ("took", f"{total:.0f} s"),
     ]

@@ -9,6 +9,11 @@ a result; notifications are only counted. Requests are counted per method
 Driven over stdin/stdout, one line per command:
 
     listen         -> prints the port of a new listening socket
+    reserve        -> prints the port of a new socket bound but not listening
+                      (a connection to it is refused): a subscriber that is down
+    open PORT      -> the reserved PORT starts listening (the subscriber is back)
+    close PORT     -> PORT stops listening, its connections are closed and it
+                      is bound again, not listening (down again)
     counts         -> prints {"method": answered, ...} as one JSON line
     ports          -> prints {"port": answered, ...}
     quit / EOF     -> exits (EOF: the bench died)
@@ -41,6 +46,13 @@ def main():
     os.set_blocking(stdin.fileno(), False)
     sel.register(stdin, selectors.EVENT_READ, ("ctl", None))
     ctl_buf = b""
+    reserved = {}  # port -> its socket (bound; listening after "open")
+
+    def reserve(port):
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", port))
+        return ls
 
     def out(line):
         sys.stdout.write(line + "\n")
@@ -67,6 +79,36 @@ def main():
                         per_port[port] = 0
                         sel.register(ls, selectors.EVENT_READ, ("listen", port))
                         out(str(port))
+                    elif cmd == "reserve":
+                        ls = reserve(0)
+                        port = ls.getsockname()[1]
+                        reserved[port] = ls
+                        per_port[port] = 0
+                        out(str(port))
+                    elif cmd.startswith("open "):
+                        port = int(cmd.split()[1])
+                        ls = reserved[port]
+                        ls.listen(64)
+                        ls.setblocking(False)
+                        sel.register(ls, selectors.EVENT_READ, ("listen", port))
+                        out("ok")
+                    elif cmd.startswith("close "):
+                        port = int(cmd.split()[1])
+                        for k in list(sel.get_map().values()):
+                            if k.data[0] == "conn" and k.data[1][0] == port:
+                                sel.unregister(k.fileobj)
+                                k.fileobj.close()
+                        ls = reserved[port]
+                        try:
+                            sel.unregister(ls)
+                        except KeyError:
+                            pass
+                        ls.close()
+                        try:
+                            reserved[port] = reserve(port)
+                            out("ok")
+                        except OSError as e:
+                            out(f"error {e}")
                     elif cmd == "counts":
                         out(json.dumps(counts))
                     elif cmd == "ports":
