@@ -16,7 +16,6 @@ Writes OUT_PREFIX.KEY.data; read it with e.g.
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
