@@ -89,6 +89,9 @@ class RabbitMQBroker:
         self.epmd = spawn(["epmd", "-address", "127.0.0.1", "-port", self.epmd_port],
                           self.dir / "epmd.log", cwd=self.dir, env=self._env())
         wait_until(self._epmd_up, 10, f"epmd on 127.0.0.1:{self.epmd_port}", interval=0.05)
+        return self._launch()
+
+    def _launch(self):
         self.proc = spawn(["runuser", "-u", "rabbitmq", "--", RABBITMQ_SERVER],
                           self.out, cwd=self.dir, env=self._env())
         deadline = time.monotonic() + self.START_TIMEOUT
@@ -163,6 +166,19 @@ class RabbitMQBroker:
                 except ValueError:
                     out.append({"raw": body})
         return self._channel_call(get_all)
+
+    def halt(self):
+        """Stop the node (SIGTERM: a clean shutdown) but keep its ports, its
+        data dir and epmd, so that resume() brings the same node back."""
+        if self.proc is not None:
+            stop_group(self.proc, term_grace=30)
+            self.proc = None
+
+    def resume(self):
+        """Start the node halt() stopped: same ports, same data (durable
+        queues come back)."""
+        assert self.proc is None and self.dir is not None
+        return self._launch()
 
     def stop(self):
         if self.proc is not None:
