@@ -4,9 +4,9 @@
 
 #![forbid(unsafe_code)]
 
-use super::chain;
 use std::sync::atomic::Ordering;
 
+use super::chain;
 use super::exports::{self, DELIVERED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, UNKEYED};
 use super::spool::{self, Pushed};
 use super::vsock::SockRef;

@@ -230,7 +230,10 @@ impl SockRef {
 
     /// HASH's parameter name; None for the other policies.
     pub fn key(&self) -> Option<&[u8]> {
-        socket::printed_key(self.text())
+        // the policy first: a raise of the other policies reads no text
+        (self.policy == Policy::Hash)
+            .then(|| socket::printed_key(self.text()))
+            .flatten()
     }
 
     pub fn tokens(&self) -> Vec<&[u8]> {
