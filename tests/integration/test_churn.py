@@ -32,11 +32,10 @@ two subscribers (every PARALLEL socket here has exactly two).
 
 import random
 import re
-import threading
 import time
 from collections import Counter
 
-from evvharness import crash_lines, stats_delta, sweep, wait_until
+from evvharness import Raiser, crash_lines, stats_delta, sweep, wait_until
 
 SEED = 20240611
 OPS = 1200                 # subscribe / refresh / unsubscribe / expire operations
@@ -74,48 +73,6 @@ def _canon(sock):
 def _text(key):
     policy, subs = key
     return "virtual:" + policy + " " + " ".join(subs)
-
-
-class Raiser(threading.Thread):
-    """Keeps SIP requests with X-Count bursts going to the workers, over the
-    three events in turn, until stopped; never more than MAX_OUTSTANDING
-    raises ahead of what the sentinels have seen."""
-
-    def __init__(self, srv, events, sentinels):
-        super().__init__(daemon=True)
-        self.srv, self.events, self.sentinels = srv, events, sentinels
-        self.sent = Counter()
-        self.stop_flag = threading.Event()
-        self.error = None
-
-    def done(self):
-        """Raises of the churn the sentinels got (all but the warm-up's)."""
-        return sum(self.sentinels[e].count(e) - WARM for e in self.events)
-
-    def outstanding(self):
-        return sum(self.sent.values()) - self.done()
-
-    def run(self):
-        try:
-            k = 0
-            deadline_stall = None
-            while not self.stop_flag.is_set():
-                if self.outstanding() > MAX_OUTSTANDING:
-                    # the workers are behind: wait for them (but notice a
-                    # server that stopped raising altogether)
-                    if deadline_stall is None:
-                        deadline_stall = time.monotonic() + 20
-                    elif time.monotonic() > deadline_stall:
-                        raise AssertionError("raises stalled for 20 s")
-                    time.sleep(0.001)
-                    continue
-                deadline_stall = None
-                ev = self.events[k % len(self.events)]
-                k += 1
-                self.srv.send_sip(ev, count=BURST, tag=CHURN_TAG)
-                self.sent[ev] += BURST
-        except Exception as exc:  # reported by the test
-            self.error = exc
 
 
 # ---- the test --------------------------------------------------------------
@@ -191,7 +148,7 @@ def test_churn_while_workers_raise(own_srv, recv):
     mark = srv.log.mark()
 
     # ---- churn while the workers raise -----------------------------------
-    raiser = Raiser(srv, evlist, sentinels)
+    raiser = Raiser(srv, sentinels, BURST, MAX_OUTSTANDING, CHURN_TAG)
     model = {}                  # key -> expire of its last subscribe
     live = {p: set() for p in POLICIES}    # keys whose last op had a long expire
     ops = Counter()

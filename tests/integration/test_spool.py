@@ -13,44 +13,7 @@ import time
 
 import pytest
 
-from evvharness import MIError, OpenSips, raise_one, virtual, wait_until
-
-
-class SpoolSips(OpenSips):
-    """OpenSips with the spool's modparams."""
-
-    def __init__(self, workdir, spool=None, **options):
-        self.spool = dict(spool or {})
-        super().__init__(workdir, **options)
-
-    def modules(self):
-        mods = super().modules()
-        so, params = mods[-1]
-        mods[-1] = (so, {**params, **self.spool})
-        return mods
-
-
-FAST = {"spool_retry_interval": 50}
-
-
-@pytest.fixture
-def spool_srv(tmp_path_factory, request):
-    servers = []
-
-    def make(failover_timeout=0, **spool):
-        s = SpoolSips(tmp_path_factory.mktemp("opensips"), spool={**FAST, **spool},
-                      failover_timeout=failover_timeout).start()
-        servers.append(s)
-        return s
-
-    yield make
-    try:
-        for s in servers:
-            if not getattr(request.node, "call_failed", True) and s.proc is not None:
-                assert s.alive(), f"OpenSIPS died; log {s.log.path}:\n{s.log.tail(30)}"
-    finally:
-        for s in servers:
-            s.stop()
+from evvharness import MIError, raise_one, virtual, wait_until
 
 
 def spool_stats(srv):

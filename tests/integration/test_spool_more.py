@@ -20,9 +20,8 @@ from collections import Counter
 
 import pytest
 
-from evvharness import crash_lines, sweep, virtual, wait_until
+from evvharness import Raiser, crash_lines, sweep, tag_count, virtual, wait_until
 from evvharness.broker import RabbitMQBroker
-from test_spool import SpoolSips, FAST
 
 SEED = 20261127
 OPS = 200
@@ -34,73 +33,14 @@ POLICIES = ("FAILOVER", "PARALLEL")
 OPT = "SPOOL(50)"
 
 
-@pytest.fixture
-def spool_server(tmp_path_factory, request):
-    servers = []
-
-    def make(failover_timeout=0, extra_modules=(), **spool):
-        s = SpoolSips(tmp_path_factory.mktemp("opensips"), spool={**FAST, **spool},
-                      failover_timeout=failover_timeout, extra_modules=extra_modules).start()
-        servers.append(s)
-        return s
-
-    yield make
-    try:
-        for s in servers:
-            if not getattr(request.node, "call_failed", True) and s.proc is not None:
-                assert s.alive(), f"OpenSIPS died; log {s.log.path}:\n{s.log.tail(30)}"
-    finally:
-        for s in servers:
-            s.stop()
-
-
-def _tag_count(receiver, event, tag):
-    return sum(1 for e in receiver.events(event)
-               if isinstance(e.get("params"), dict) and e["params"].get("tag") == tag)
-
-
-class Raiser(threading.Thread):
-    """SIP requests with X-Count bursts over the events in turn, never more
-    than MAX_OUTSTANDING raises ahead of what the sentinels have seen."""
-
-    def __init__(self, srv, events, sentinels):
-        super().__init__(daemon=True)
-        self.srv, self.events, self.sentinels = srv, events, sentinels
-        self.sent = Counter()
-        self.stop_flag = threading.Event()
-        self.error = None
-
-    def done(self):
-        return sum(_tag_count(self.sentinels[e], e, "churn") for e in self.events)
-
-    def run(self):
-        try:
-            k, stall = 0, None
-            while not self.stop_flag.is_set():
-                if sum(self.sent.values()) - self.done() > MAX_OUTSTANDING:
-                    if stall is None:
-                        stall = time.monotonic() + 20
-                    elif time.monotonic() > stall:
-                        raise AssertionError("raises stalled for 20 s")
-                    time.sleep(0.002)
-                    continue
-                stall = None
-                ev = self.events[k % len(self.events)]
-                k += 1
-                self.srv.send_sip(ev, count=BURST, tag="churn")
-                self.sent[ev] += BURST
-        except Exception as exc:
-            self.error = exc
-
-
 def spool_conservation(srv):
     st = srv.statistics("event_virtual")
     return {k: st[k] for k in ("events_spooled", "events_replayed", "events_dropped",
                                "spool_held", "spool_memory")}
 
 
-def test_spool_churn_while_workers_raise(spool_server, recv):
-    srv = spool_server()
+def test_spool_churn_while_workers_raise(spool_srv, recv):
+    srv = spool_srv()
     rnd = random.Random(SEED)
     events = {p: srv.new_event() for p in POLICIES}
     evlist = list(events.values())
@@ -135,7 +75,7 @@ def test_spool_churn_while_workers_raise(spool_server, recv):
     for ev in evlist:
         srv.send_sip(ev, count=WARM, tag="warm")
     for ev in evlist:
-        wait_until(lambda: _tag_count(sentinels[ev], ev, "warm") == WARM, 10, "warm-up raises")
+        wait_until(lambda: tag_count(sentinels[ev], ev, "warm") == WARM, 10, "warm-up raises")
     for p, key in warm.items():
         srv.unsubscribe(events[p], text(key))
     sweep(srv, sentinels, time.time())
@@ -146,7 +86,7 @@ def test_spool_churn_while_workers_raise(spool_server, recv):
     spool0 = spool_conservation(srv)
     mark = srv.log.mark()
 
-    raiser = Raiser(srv, evlist, sentinels)
+    raiser = Raiser(srv, sentinels, BURST, MAX_OUTSTANDING, "churn")
     live = {p: set() for p in POLICIES}
     touched = {p: set() for p in POLICIES}
     ops = Counter()
@@ -201,9 +141,9 @@ def test_spool_churn_while_workers_raise(spool_server, recv):
     # every raise happened, once, in both workers
     sent = dict(raiser.sent)
     for ev in evlist:
-        wait_until(lambda: _tag_count(sentinels[ev], ev, "churn") >= sent[ev], 20,
+        wait_until(lambda: tag_count(sentinels[ev], ev, "churn") >= sent[ev], 20,
                    f"{sent[ev]} raises of {ev} at its sentinel")
-        assert _tag_count(sentinels[ev], ev, "churn") == sent[ev], "a sentinel got a raise twice"
+        assert tag_count(sentinels[ev], ev, "churn") == sent[ev], "a sentinel got a raise twice"
     pids = {e["params"]["pid"] for ev in evlist for e in sentinels[ev].events(ev)
             if e["params"].get("tag") == "churn"}
     assert len(pids) >= 2, f"harness: all raises ran in one worker {pids}"
@@ -325,7 +265,7 @@ def own_broker():
 
 
 def test_rabbitmq_restart_while_raising_loses_only_what_event_rabbitmq_reported_sent(
-        spool_server, own_broker):
+        spool_srv, own_broker):
     """FAILOVER SPOOL(1000) over one rabbitmq: subscriber; events raised one
     by one over MI (seq 0, 1, ...) before, during and after the broker is
     stopped and started again (same ports, same data: the durable queue
@@ -345,7 +285,7 @@ def test_rabbitmq_restart_while_raising_loses_only_what_event_rabbitmq_reported_
     with "socket error: Connection reset by peer". Such events may only be
     among those raised during the stop, and are printed."""
     broker = own_broker
-    srv = spool_server(extra_modules={"event_rabbitmq": {"connect_timeout": 500}})
+    srv = spool_srv(extra_modules={"event_rabbitmq": {"connect_timeout": 500}})
     q = f"evv-{uuid.uuid4().hex[:12]}"
     broker._channel_call(lambda ch: ch.queue_declare(q, durable=True, auto_delete=False))
     consumer = Consumer(broker, q)

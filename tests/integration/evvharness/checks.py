@@ -2,7 +2,9 @@
 raised and followed to its receivers, absence and exactly-once checks."""
 
 import math
+import threading
 import time
+from collections import Counter
 
 from .util import DEFAULT_TIMEOUT, wait_until
 
@@ -88,3 +90,49 @@ def sweep(srv, sentinels, since, expire=0):
         srv.send_sip(ev, count=1, tag="sweep")
     for ev, r in sentinels.items():
         wait_until(lambda: r.count(ev) > before[ev], 10, f"the sweep raise of {ev}")
+
+
+def tag_count(receiver, event, tag):
+    """Events of `event` a receiver got whose `tag` parameter is `tag`."""
+    return sum(1 for e in receiver.events(event)
+               if isinstance(e.get("params"), dict) and e["params"].get("tag") == tag)
+
+
+class Raiser(threading.Thread):
+    """Keeps SIP requests with X-Count bursts (parameter tag=`tag`) going to
+    the workers, over the events in turn, until stopped; never more than
+    `ahead` raises ahead of what the sentinels ({event: direct receiver})
+    have seen, so the workers' backlog stays small. A server that stops
+    raising altogether for 20 s is an error, kept in `error`."""
+
+    def __init__(self, srv, sentinels, burst, ahead, tag):
+        super().__init__(daemon=True)
+        self.srv, self.sentinels = srv, sentinels
+        self.burst, self.ahead, self.tag = burst, ahead, tag
+        self.sent = Counter()
+        self.stop_flag = threading.Event()
+        self.error = None
+
+    def done(self):
+        """Raises of this thread the sentinels got."""
+        return sum(tag_count(r, ev, self.tag) for ev, r in self.sentinels.items())
+
+    def run(self):
+        try:
+            events = list(self.sentinels)
+            k, stall = 0, None
+            while not self.stop_flag.is_set():
+                if sum(self.sent.values()) - self.done() > self.ahead:
+                    if stall is None:
+                        stall = time.monotonic() + 20
+                    elif time.monotonic() > stall:
+                        raise AssertionError("raises stalled for 20 s")
+                    time.sleep(0.001)
+                    continue
+                stall = None
+                ev = events[k % len(events)]
+                k += 1
+                self.srv.send_sip(ev, count=self.burst, tag=self.tag)
+                self.sent[ev] += self.burst
+        except Exception as exc:  # reported by the test
+            self.error = exc

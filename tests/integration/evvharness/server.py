@@ -108,16 +108,19 @@ class OpenSips:
                         ms + ~1 s)
       extra_modules     {module: {param: value}}, loaded before the module
                         under test (their .so must be built)
+      virtual_params    {param: value}: more modparams of the module under
+                        test (the spool's)
       workers, log_level
     """
 
     def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
-                 stream_timeout=None, extra_modules=(), module=None):
+                 stream_timeout=None, extra_modules=(), module=None, virtual_params=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.failover_timeout = failover_timeout
         self.stream_timeout = stream_timeout
         self.extra_modules = {m: dict(p) for m, p in dict(extra_modules).items()}
+        self.virtual_params = dict(virtual_params or {})
         self.workers = workers
         self.log_level = log_level
         self.module = Path(module or env.EVV_MODULE)
@@ -143,7 +146,7 @@ class OpenSips:
         stream = {"reliable_mode": 1}
         if self.stream_timeout is not None:
             stream["timeout"] = int(self.stream_timeout)
-        virtual = {}
+        virtual = dict(self.virtual_params)
         if self.failover_timeout is not None:
             virtual["failover_timeout"] = self.failover_timeout
         return [("proto_udp.so", {}),
