@@ -274,8 +274,10 @@ def test_churn_while_workers_raise(own_srv, recv):
         d = wait_until(settled, 10, "statistics and receivers to agree", interval=0.05)
     except AssertionError:
         d = stats_delta(stats0, srv.virtual_stats())
+        drops = sum(r.kernel_drops() for r in everyone if hasattr(r, "kernel_drops"))
         raise AssertionError(f"statistics delta {d} vs deliveries (FAILOVER+ROUND-ROBIN, "
-                             f"PARALLEL copies) {copies()}")
+                             f"PARALLEL copies) {copies()}; datagrams the kernel dropped at "
+                             f"full UDP receive buffers: {drops}")
     fo_rr, par = copies()
     assert d["events"] == d["events_delivered"] + d["events_failed"] + d["events_incomplete"], d
     assert 2 * d["events_delivered"] == 2 * fo_rr + par - d["events_incomplete"], (d, fo_rr, par)

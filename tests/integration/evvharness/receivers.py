@@ -42,11 +42,22 @@ class Receiver:
         return f"<{type(self).__name__} {self.socket}>"
 
 
+# A receiver's thread reads while the workers send in bursts of thousands;
+# what it has not read yet waits in the socket's buffer, and a full buffer
+# drops datagrams the sender was told were sent. As root the buffer can be
+# made larger than net.core.rmem_max allows (SO_RCVBUFFORCE).
+RCVBUF_BYTES = 64 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
 class _DatagramReceiver(Receiver):
     def __init__(self, family, address):
         super().__init__()
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
         self.address = address
         self._stop = False
         self._thread = None
@@ -84,6 +95,17 @@ class UdpReceiver(_DatagramReceiver):
         self._start()
         self.port = self.sock.getsockname()[1]
         self.socket = f"udp:127.0.0.1:{self.port}"
+
+    def kernel_drops(self):
+        """Datagrams the kernel dropped at this socket (its buffer was
+        full): sent, as far as the sender knows, and never received."""
+        local = f"0100007F:{self.port:04X}"
+        with open("/proc/net/udp") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 12 and fields[1] == local:
+                    return int(fields[-1])
+        return 0
 
 
 class UnixReceiver(_DatagramReceiver):
