@@ -35,7 +35,7 @@ import re
 import time
 from collections import Counter
 
-from evvharness import Raiser, crash_lines, stats_delta, sweep, wait_until
+from evvharness import Raiser, crash_lines, stats_delta, sweep, wait_shm_back, wait_until
 
 SEED = 20240611
 OPS = 1200                 # subscribe / refresh / unsubscribe / expire operations
@@ -388,16 +388,8 @@ def test_churn_while_workers_raise(own_srv, recv):
     wait_until(lambda: all(sorted(srv.subscribers(ev)) == baseline_subs[ev] for ev in evlist),
                5, "the last churned subscriptions to go", interval=0.1)
 
-    def shm_back():
-        used = srv.shm_used()
-        return used if abs(used - shm0) <= SHM_SLACK else None
-    try:
-        wait_until(shm_back, 5, "shmem:used_size to return", interval=0.1)
-    except AssertionError:
-        used = srv.shm_used()
-        raise AssertionError(
-            f"shmem:used_size {used} vs {shm0} before the churn: {used - shm0:+d} bytes "
-            f"after {ops['subscribe'] + ops['refresh'] + ops['expire']} subscribes")
+    subscribes = ops["subscribe"] + ops["refresh"] + ops["expire"]
+    wait_shm_back(srv, shm0, SHM_SLACK, f"after {subscribes} subscribes")
 
     # ---- the server survived ------------------------------------------------
     srv.assert_alive("at the end of the churn")

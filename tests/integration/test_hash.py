@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from evvharness import (MIError, assert_quiet, crash_lines, raise_one, sweep, virtual,
-                        wait_until)
+                        wait_shm_back, wait_until)
 from evvharness.receivers import FlatstoreReceiver, UnixReceiver
 
 WINDOW_S = 2
@@ -513,8 +513,7 @@ def test_hash_churn_under_load(own_srv, recv):
         srv.unsubscribe(ev, text(k))
     sweep(srv, sentinels, time.time())
     wait_until(lambda: set(virtual_listed()) == {perm_sock}, 5, "the churned ones to go")
-    wait_until(lambda: abs(srv.shm_used() - shm0) <= 64 * 1024 or None, 5,
-               f"shmem:used_size to return ({shm0} before)")
+    wait_shm_back(srv, shm0, context="after the HASH churn")
     bad = crash_lines("\n".join(srv.log.lines_since(mark)))
     assert not bad, bad
     errs = srv.log.errors_since(mark, module="event_virtual")

@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from evvharness import Raiser, crash_lines, sweep, tag_count, virtual, wait_until
+from evvharness import Raiser, crash_lines, sweep, tag_count, virtual, wait_shm_back, wait_until
 from evvharness.broker import RabbitMQBroker
 
 SEED = 20261127
@@ -180,15 +180,7 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
     assert end["events_spooled"] == end["events_replayed"] + end["events_dropped"] + \
         end["spool_held"], end
 
-    def shm_back():
-        used = srv.shm_used()
-        return used if abs(used - shm0) <= SHM_SLACK else None
-    try:
-        wait_until(shm_back, 5, "shmem:used_size to return", interval=0.1)
-    except AssertionError:
-        used = srv.shm_used()
-        raise AssertionError(f"shmem:used_size {used} vs {shm0} before the churn: "
-                             f"{used - shm0:+d} bytes; spool {end}")
+    wait_shm_back(srv, shm0, SHM_SLACK, f"after the churn; spool {end}")
 
     srv.assert_alive("at the end of the churn")
     lines = srv.log.lines_since(mark)

@@ -17,7 +17,7 @@ Everything talks to a real OpenSIPS over loopback only:
 
 from .broker import BrokerError, RabbitMQBroker
 from .checks import (Raiser, assert_each_once, assert_quiet, raise_one, seq_of, seqs_of,
-                     sweep, tag_count, virtual, who_got)
+                     sweep, tag_count, virtual, wait_shm_back, who_got)
 from .env import EVV_MODULE, OPENSIPS_SRC, check_prerequisites
 from .mi import MIError, ServerDied
 from .receivers import Receivers

@@ -136,3 +136,15 @@ class Raiser(threading.Thread):
                 self.sent[ev] += self.burst
         except Exception as exc:  # reported by the test
             self.error = exc
+
+
+def wait_shm_back(srv, before, slack=64 * 1024, context=""):
+    """Wait until shmem:used_size is within `slack` bytes of `before`;
+    fail with how far off it stayed."""
+    try:
+        wait_until(lambda: abs(srv.shm_used() - before) <= slack, 5,
+                   "shmem:used_size to return", interval=0.1)
+    except AssertionError:
+        used = srv.shm_used()
+        raise AssertionError(f"shmem:used_size {used} vs {before} before: "
+                             f"{used - before:+d} bytes {context}") from None
