@@ -93,16 +93,20 @@ integration-test: build $(PYDEPS)
 	EVV_MODULE=$(CURDIR)/$(MODULE) $(PYTHON) -m pytest -q tests/integration
 
 # every supported release (or OPENSIPS_VERSION's), each with the module
-# built against it; or your own tree when OPENSIPS_SRC names it
+# built against it, all of them even when one fails, so that one run says
+# where it fails; or your own tree when OPENSIPS_SRC names it
 ifeq ($(PROVISIONED),)
 integration-tests: integration-test
 else
 integration-tests: $(PYDEPS)
 	tests/provision.sh $(OPENSIPS_CACHE) $(VERSIONS)
-	@set -e; for v in $(VERSIONS); do \
+	@failed=; for v in $(VERSIONS); do \
 		echo "=== integration tests on OpenSIPS $$v"; \
-		$(MAKE) --no-print-directory integration-test OPENSIPS_SRC=$(OPENSIPS_CACHE)/$$v; \
-	done
+		$(MAKE) --no-print-directory integration-test OPENSIPS_SRC=$(OPENSIPS_CACHE)/$$v \
+			|| failed="$$failed $$v"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== integration tests failed on OpenSIPS$$failed" >&2; exit 1; fi; \
+	echo "=== integration tests passed on OpenSIPS $(VERSIONS)"
 endif
 
 test: unit-test integration-tests

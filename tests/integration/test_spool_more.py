@@ -20,7 +20,8 @@ from collections import Counter
 
 import pytest
 
-from evvharness import Raiser, crash_lines, sweep, tag_count, virtual, wait_shm_back, wait_until
+from evvharness import (Raiser, crash_lines, sweep, virtual, wait_shm_back, wait_until,
+                        wait_while_moving)
 from evvharness.broker import RabbitMQBroker
 
 SEED = 20261127
@@ -75,7 +76,7 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
     for ev in evlist:
         srv.send_sip(ev, count=WARM, tag="warm")
     for ev in evlist:
-        wait_until(lambda: tag_count(sentinels[ev], ev, "warm") == WARM, 10, "warm-up raises")
+        wait_until(lambda: sentinels[ev].tag_count(ev, "warm") == WARM, 10, "warm-up raises")
     for p, key in warm.items():
         srv.unsubscribe(events[p], text(key))
     sweep(srv, sentinels, time.time())
@@ -141,9 +142,10 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
     # every raise happened, once, in both workers
     sent = dict(raiser.sent)
     for ev in evlist:
-        wait_until(lambda: tag_count(sentinels[ev], ev, "churn") >= sent[ev], 20,
-                   f"{sent[ev]} raises of {ev} at its sentinel")
-        assert tag_count(sentinels[ev], ev, "churn") == sent[ev], "a sentinel got a raise twice"
+        wait_while_moving(lambda: sentinels[ev].tag_count(ev, "churn") >= sent[ev],
+                          lambda: sentinels[ev].tag_count(ev, "churn"),
+                          f"{sent[ev]} raises of {ev} at its sentinel")
+        assert sentinels[ev].tag_count(ev, "churn") == sent[ev], "a sentinel got a raise twice"
     pids = {e["params"]["pid"] for ev in evlist for e in sentinels[ev].events(ev)
             if e["params"].get("tag") == "churn"}
     assert len(pids) >= 2, f"harness: all raises ran in one worker {pids}"

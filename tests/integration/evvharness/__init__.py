@@ -12,15 +12,16 @@ Everything talks to a real OpenSIPS over loopback only:
   checks      virtual socket strings, raise_one, absence and once-only checks
   broker      a throw-away RabbitMQ broker
   processes   spawning in a process group that dies with the run, stopping it
-  util        wait_until (every wait is a condition with a deadline), ports
+  util        wait_until (every wait is a condition with a deadline, or with
+              progress), ports
 """
 
 from .broker import BrokerError, RabbitMQBroker
 from .checks import (Raiser, assert_each_once, assert_quiet, raise_one, seq_of, seqs_of,
-                     sweep, tag_count, virtual, wait_shm_back, who_got)
+                     sweep, virtual, wait_shm_back, who_got)
 from .env import EVV_MODULE, OPENSIPS_SRC, check_prerequisites
 from .mi import MIError, ServerDied
-from .receivers import Receivers
+from .receivers import Receivers, tag_of
 from .server import EVENT_POOL, SPOOL_STATS, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
 from .sip import sip_request
-from .util import DEFAULT_TIMEOUT, closed_tcp_port, free_port, wait_until
+from .util import DEFAULT_TIMEOUT, closed_tcp_port, free_port, wait_until, wait_while_moving

@@ -92,12 +92,6 @@ def sweep(srv, sentinels, since, expire=0):
         wait_until(lambda: r.count(ev) > before[ev], 10, f"the sweep raise of {ev}")
 
 
-def tag_count(receiver, event, tag):
-    """Events of `event` a receiver got whose `tag` parameter is `tag`."""
-    return sum(1 for e in receiver.events(event)
-               if isinstance(e.get("params"), dict) and e["params"].get("tag") == tag)
-
-
 class Raiser(threading.Thread):
     """Keeps SIP requests with X-Count bursts (parameter tag=`tag`) going to
     the workers, over the events in turn, until stopped; never more than
@@ -115,7 +109,7 @@ class Raiser(threading.Thread):
 
     def done(self):
         """Raises of this thread the sentinels got."""
-        return sum(tag_count(r, ev, self.tag) for ev, r in self.sentinels.items())
+        return sum(r.tag_count(ev, self.tag) for ev, r in self.sentinels.items())
 
     def run(self):
         try:

@@ -5,23 +5,42 @@ collected by background threads, and the per-test factory of them."""
 import json
 import socket
 import threading
+from collections import Counter
 from pathlib import Path
 
 from .util import DEFAULT_TIMEOUT, wait_until
 
 
+def tag_of(ev):
+    """The `tag` parameter of an event a receiver got: a named parameter
+    (JSON), or the last field of a flatstore line (`EVENT,pid,i,tag`)."""
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("tag")
+    if isinstance(p, list) and p:
+        return p[-1]
+    return None
+
+
 class Receiver:
-    """What one subscriber got, in arrival order: dicts {method, params}."""
+    """What one subscriber got, in arrival order: dicts {method, params}.
+
+    Counts are kept as events arrive, so that waiting on them costs the
+    same with 10 events as with 400 000: a count that walked the list
+    would hold the interpreter lock for longer and longer while the
+    receiving threads wait, and a busy test could never catch up."""
 
     socket = None  # the event socket string, e.g. "udp:127.0.0.1:4000"
 
     def __init__(self):
         self._events = []
+        self._tally = Counter()  # (method, tag) -> events
         self._lock = threading.Lock()
 
     def _add(self, ev):
         with self._lock:
             self._events.append(ev)
+            self._tally[ev["method"], tag_of(ev)] += 1
 
     def events(self, event=None):
         with self._lock:
@@ -29,7 +48,15 @@ class Receiver:
         return [e for e in evs if event is None or e["method"] == event]
 
     def count(self, event=None):
-        return len(self.events(event))
+        with self._lock:
+            if event is None:
+                return len(self._events)
+            return sum(n for (m, _), n in self._tally.items() if m == event)
+
+    def tag_count(self, event, tag):
+        """Events of `event` whose `tag` parameter is `tag`."""
+        with self._lock:
+            return self._tally[event, tag]
 
     def wait_count(self, n, event=None, timeout=DEFAULT_TIMEOUT):
         wait_until(lambda: self.count(event) >= n, timeout,
@@ -136,23 +163,41 @@ class UnixReceiver(_DatagramReceiver):
 
 
 class FlatstoreReceiver(Receiver):
-    """event_flatstore writes `EVENT,value1,value2...` lines to a file."""
+    """event_flatstore writes `EVENT,value1,value2...` lines to a file;
+    each look reads only the whole lines added since the last one."""
 
     def __init__(self, path):
         super().__init__()
         self.path = Path(path)
         self.socket = f"flatstore:{path}"
+        self._offset = 0
+        self._reading = threading.Lock()  # one reader moves the offset at a time
+
+    def _read_new(self):
+        with self._reading:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            end = data.rfind(b"\n") + 1      # a line still being written waits
+            self._offset += end
+            for line in data[:end].decode().splitlines():
+                fields = line.split(",")
+                self._add({"method": fields[0], "params": fields[1:], "raw": line})
 
     def events(self, event=None):
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
-        evs = []
-        for line in lines:
-            fields = line.split(",")
-            evs.append({"method": fields[0], "params": fields[1:], "raw": line})
-        return [e for e in evs if event is None or e["method"] == event]
+        self._read_new()
+        return super().events(event)
+
+    def count(self, event=None):
+        self._read_new()
+        return super().count(event)
+
+    def tag_count(self, event, tag):
+        self._read_new()
+        return super().tag_count(event, tag)
 
 
 class JsonRpcServer(Receiver):

@@ -1,4 +1,4 @@
-"""Waits with a deadline, and loopback ports."""
+"""Waits with a deadline or on progress, and loopback ports."""
 
 import socket
 import time
@@ -15,6 +15,25 @@ def wait_until(cond, timeout=DEFAULT_TIMEOUT, what="condition", interval=0.005):
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_while_moving(cond, progress, what, quiet=5.0, interval=0.05):
+    """Poll cond() until it returns something truthy, for as long as
+    progress() keeps changing; fail once it has stood still for `quiet`
+    seconds. For receivers that drain a backlog whose size the load
+    decides: a fixed deadline would fail a slow machine, while a count
+    that stops moving short of its target is a loss on any machine."""
+    last, still_since = progress(), time.monotonic()
+    while True:
+        value = cond()
+        if value:
+            return value
+        now = progress()
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            raise AssertionError(f"no progress for {quiet}s (at {now}) waiting for {what}")
         time.sleep(interval)
 
 
