@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .processes import spawn, stop_group
-from .util import free_port, wait_until
+from .util import lasting_port, wait_until
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 
@@ -73,8 +73,13 @@ class RabbitMQBroker:
         # pika logs every refused connect while the broker boots
         logging.getLogger("pika").setLevel(logging.CRITICAL)
         self.dir = Path(tempfile.mkdtemp(prefix="evv-rmq-", dir="/tmp"))
-        self.amqp_port, self.dist_port, self.epmd_port = (
-            free_port(socket.SOCK_STREAM) for _ in range(3))
+        # halt() and resume() need the same ports back after seconds in
+        # which clients keep connecting from ephemeral ports: none of these
+        # is one
+        ports = set()
+        while len(ports) < 3:
+            ports.add(lasting_port())
+        self.amqp_port, self.dist_port, self.epmd_port = ports
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
             "loopback_users.guest = true\n"

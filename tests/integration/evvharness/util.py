@@ -1,5 +1,6 @@
 """Waits with a deadline or on progress, and loopback ports."""
 
+import random
 import socket
 import time
 
@@ -42,6 +43,23 @@ def free_port(kind=socket.SOCK_DGRAM):
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def lasting_port(kind=socket.SOCK_STREAM):
+    """A loopback port free now and outside the kernel's ephemeral range, so
+    that no outgoing connection or bind(0) can take it: for a listener that
+    stops and must get the same port back when it starts again."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"harness: no free loopback port in 10000-{low}")
 
 
 def closed_tcp_port():
