@@ -8,15 +8,14 @@ failover_timeout is 2 s here, so that a subscriber that comes back is
 tried again within a test."""
 
 import random
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from evvharness import (MIError, assert_quiet, crash_lines, raise_one, sweep, virtual,
-                        wait_shm_back, wait_until)
+from evvharness import (MIError, Raiser, assert_quiet, crash_lines, raise_one, sweep,
+                        virtual, wait_shm_back, wait_until, wait_while_moving)
 from evvharness.receivers import FlatstoreReceiver, UnixReceiver
 
 WINDOW_S = 2
@@ -445,19 +444,8 @@ def test_hash_churn_under_load(own_srv, recv):
     shm0 = srv.shm_used()
     mark = srv.log.mark()
 
-    stop = threading.Event()
-    sent = Counter()
-
-    def raiser():
-        while not stop.is_set():
-            if sent["n"] - (sentinel.count(ev) - 5) > 100:
-                time.sleep(0.002)
-                continue
-            srv.send_sip(ev, count=25, tag="churn")
-            sent["n"] += 25
-
-    t = threading.Thread(target=raiser, daemon=True)
-    t.start()
+    raiser = Raiser(srv, {ev: sentinel}, 25, 100, "churn")
+    raiser.start()
     live = set()
     ops = Counter()
     try:
@@ -483,16 +471,20 @@ def test_hash_churn_under_load(own_srv, recv):
             else:
                 live.discard(k)
     finally:
-        stop.set()
-        t.join(10)
+        raiser.stop_flag.set()
+        raiser.join(10)
+    assert raiser.error is None, f"raising thread: {raiser.error!r}"
     srv.assert_alive("after the churn")
-    wait_until(lambda: sentinel.count(ev) - 5 >= sent["n"], 20, "every raise at the sentinel")
-    n = sentinel.count(ev) - 5
-    assert n == sent["n"] and n >= 250, (n, sent)
+    sent = raiser.sent[ev]
+    wait_while_moving(lambda: sentinel.tag_count(ev, "churn") >= sent,
+                      lambda: sentinel.tag_count(ev, "churn"), "every raise at the sentinel")
+    n = sentinel.tag_count(ev, "churn")
+    assert n == sent and n >= 250, (n, sent)
     # every churn raise at the permanent subscription, all at tag's one
-    wait_until(lambda: sum(sum(1 for e in r.events(ev) if e["params"]["tag"] == "churn")
-                           for r in perm) >= n, 10, "the permanent subscription's events")
-    churn = [sum(1 for e in r.events(ev) if e["params"]["tag"] == "churn") for r in perm]
+    wait_while_moving(lambda: sum(r.tag_count(ev, "churn") for r in perm) >= n,
+                      lambda: [r.tag_count(ev, "churn") for r in perm],
+                      "the permanent subscription's events")
+    churn = [r.tag_count(ev, "churn") for r in perm]
     assert churn[ranking([r.socket for r in perm], "churn")[0]] == n, churn
 
     # exactly what was left is listed (the core's EVI_PENDING race may keep
