@@ -158,9 +158,7 @@ def test_churn_while_workers_raise(own_srv, recv):
             time.sleep(max(0.0, t_start + n * CHURN_SECONDS / OPS - time.monotonic()))
             if n % CHECKPOINT == 0:
                 # the workers keep raising all along the churn
-                target = raiser.done() + BURST
-                wait_until(lambda: raiser.done() >= target or raiser.error, 20,
-                           f"raises to go on during the churn (op {n})", interval=0.001)
+                raiser.wait_burst(f"raises to go on during the churn (op {n})")
             p = POLICIES[n % 3]
             ev = events[p]
             nlive = len(live[p])

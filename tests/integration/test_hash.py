@@ -452,9 +452,7 @@ def test_hash_churn_under_load(own_srv, recv):
         for n in range(300):
             if n % 30 == 0:
                 # the workers keep raising all along the churn
-                target = sentinel.count(ev) + 25
-                wait_until(lambda: sentinel.count(ev) >= target, 10,
-                           f"raises to go on (op {n})", interval=0.005)
+                raiser.wait_burst(f"raises to go on (op {n})")
             r = rnd.random()
             if len(live) < 4 or r < 0.35:
                 k, exp, op = key(), rnd.choice((600, 3600)), "subscribe"

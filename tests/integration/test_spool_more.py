@@ -99,9 +99,7 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
             if raiser.error:
                 break
             if n % 20 == 0:
-                target = raiser.done() + BURST
-                wait_until(lambda: raiser.done() >= target or raiser.error, 20,
-                           f"raises to go on during the churn (op {n})", interval=0.002)
+                raiser.wait_burst(f"raises to go on during the churn (op {n})")
             p = POLICIES[n % 2]
             ev = events[p]
             nlive = len(live[p])

@@ -111,6 +111,12 @@ class Raiser(threading.Thread):
         """Raises of this thread the sentinels got."""
         return sum(r.tag_count(ev, self.tag) for ev, r in self.sentinels.items())
 
+    def wait_burst(self, what):
+        """Wait until the sentinels got one more burst of this thread's
+        raises (or it failed): the workers are raising now."""
+        target = self.done() + self.burst
+        wait_until(lambda: self.done() >= target or self.error, 20, what, interval=0.002)
+
     def run(self):
         try:
             events = list(self.sentinels)
