@@ -13,8 +13,7 @@ use event_virtual::policy::{
     Attempt, Driver, Health, Progress, Rules, Transition, deliver, int_text, seeds,
 };
 use event_virtual::socket::Policy;
-use event_virtual::spool::{Budget, Enter, Handle, Limits, Meta, Nodes, Queue, Reason};
-use std::sync::atomic::Ordering::Relaxed;
+use event_virtual::spool::{Budget, Enter, Fifo, Held, Limits, Meta, Queue};
 
 struct Counting;
 
@@ -123,30 +122,57 @@ fn the_counter_sees_allocations() {
     assert!(allocations() > before);
 }
 
-/// Held-event headers in a fixed array: the FFI layer's blocks stand-in,
-/// which allocates nothing itself.
-struct Fixed([AtomicU64; 64]);
+/// The module's held events and their FIFO, faked without allocating: a
+/// ring of up to 16 ids.
+#[derive(Clone, Copy, Default)]
+struct Ev(u64);
 
-impl Nodes for Fixed {
-    fn next(&self, h: Handle) -> Option<Handle> {
-        Handle::new(self.0[h.get() as usize - 1].load(Relaxed))
-    }
-    fn set_next(&self, h: Handle, next: Option<Handle>) {
-        self.0[h.get() as usize - 1].store(next.map_or(0, Handle::get), Relaxed);
-    }
-    fn meta(&self, _: Handle) -> Meta {
+impl Held for Ev {
+    fn meta(&self) -> Meta {
         Meta {
             bytes: 100,
-            born_ms: 0,
+            born_ms: self.0,
         }
+    }
+}
+
+#[derive(Default)]
+struct Ring {
+    at: [Ev; 16],
+    first: usize,
+    len: usize,
+}
+
+impl Fifo for Ring {
+    type Item = Ev;
+    fn push_back(&mut self, e: Ev) {
+        self.at[(self.first + self.len) % 16] = e;
+        self.len += 1;
+    }
+    fn get(&self, i: usize) -> Option<&Ev> {
+        (i < self.len).then(|| &self.at[(self.first + i) % 16])
+    }
+    fn remove(&mut self, i: usize) -> Option<Ev> {
+        if i >= self.len {
+            return None;
+        }
+        let e = self.at[(self.first + i) % 16];
+        if i == 1 {
+            self.at[(self.first + 1) % 16] = self.at[self.first % 16];
+        }
+        self.first += 1;
+        self.len -= 1;
+        Some(e)
+    }
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
 #[test]
 fn the_spool_allocates_nothing() {
-    let nodes = Fixed(std::array::from_fn(|_| AtomicU64::new(0)));
     let budget = Budget::new(2000);
-    let q: Queue = Queue::new(Limits {
+    let q: Queue<Ring> = Queue::new(Limits {
         capacity: 10,
         max_age_ms: 50,
         retry_ms: 1000,
@@ -158,20 +184,19 @@ fn the_spool_allocates_nothing() {
     // retrying, delivering: the operations done under the queue's lock
     let mut freed = 0;
     for i in 1..=60u64 {
-        let p = q.push(Handle::new(i).unwrap(), Enter::Failed, &nodes, &budget, i);
-        p.evicted.drain(&nodes, |_| freed += 1);
+        let p = q.push(Ev(i), Enter::Failed, &budget, i);
+        freed += p.evicted.len();
         if i % 7 == 0 {
-            let b = q.begin(&nodes, &budget, i);
-            b.expired.drain(&nodes, |_| freed += 1);
+            let b = q.begin(&budget, i);
+            freed += b.expired.len();
             if let Some(l) = b.lease {
                 let ok = i % 2 == 0;
-                let _ = q.finish(l.token, ok, &nodes, &budget, i);
+                let _ = q.finish(l.token, ok, &budget, i);
             }
         }
     }
-    let _ = q.view(&nodes, 61);
-    let c = q.close(Reason::Shutdown, &nodes, &budget, 62);
-    c.evicted.drain(&nodes, |_| freed += 1);
+    let _ = q.view(61);
+    freed += q.close(&budget, 62).evicted.len();
     assert_eq!(allocations() - before, 0, "the spool allocated");
     assert!(freed > 0);
 }

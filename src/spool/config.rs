@@ -35,7 +35,7 @@ pub const MIN_RETRY_MS: u64 = 10;
 pub const DEFAULT_BUDGET_CAP: u64 = 64 << 20;
 
 /// One queue's bounds, fixed when the subscription is made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
     /// Events held at most; 0 holds nothing.
     pub capacity: u32,

@@ -51,7 +51,7 @@ impl fmt::Display for Report {
         write!(f, "dropped {total} held {noun} (")?;
         let mut sep = "";
         for r in Reason::ALL {
-            let n = self.counts[r.index()];
+            let n = self.counts[r as usize];
             if n > 0 {
                 write!(f, "{sep}{n} {}", r.name())?;
                 sep = ", ";
@@ -72,7 +72,7 @@ impl Episodes {
         if n == 0 {
             return;
         }
-        self.counts[reason.index()].fetch_add(n, Relaxed);
+        self.counts[reason as usize].fetch_add(n, Relaxed);
         // 0 means no open episode, so an episode never starts at time 0
         let now = now_ms.max(1);
         let _ = self.first_ms.compare_exchange(0, now, Relaxed, Relaxed);

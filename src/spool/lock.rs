@@ -1,30 +1,23 @@
-//! The lock that guards one queue's links.
+//! The lock of a queue in shared memory, and what a panic under it does.
 //!
-//! The queue is in OpenSIPS shared memory and is changed by whichever
-//! process raises, replays or unsubscribes, so its lock must work across
-//! processes: a `std::sync::Mutex` or `parking_lot` lock lives in one
-//! process's view and does not.  [`SpinLock`] is an atomic word and works
-//! wherever the memory is shared; the FFI layer may instead implement
-//! [`RawLock`] over OpenSIPS's `gen_lock_t`.  The tests use a lock built on
-//! std to check that the queue relies only on the trait.
+//! A queue is changed by whichever process raises, replays or
+//! unsubscribes, so its lock must work across processes: [`SpinLock`] is
+//! one atomic word, a [`lock_api::RawMutex`] (as ngx-rust builds its shared
+//! memory mutex), so the queue's state is a plain struct inside a
+//! [`Mutex`].  `std`'s and `parking_lot`'s mutexes park threads of one
+//! process and cannot.
+//!
+//! A panic inside a critical section would leave that state half changed
+//! for every other process, and `lock_api`'s guard unlocks on unwind; so
+//! [`critical`] aborts the process instead (OpenSIPS then stops the
+//! others): torn state is never published.
 
 use std::hint::spin_loop;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Mutual exclusion between every process that shares the memory.
-///
-/// `lock` must synchronise with the previous `unlock` (acquire/release),
-/// so that the relaxed atomics the queue changes under it are seen whole.
-pub trait RawLock {
-    fn lock(&self);
-    fn unlock(&self);
-}
-
-/// A test-and-test-and-set spinlock in one shared word.
-///
-/// The queue holds it only for a handful of loads and stores (never across
-/// a transport, an allocation or a log line), so a waiter spins briefly,
-/// then yields its CPU rather than burn it while the holder is descheduled.
+/// A test-and-test-and-set spinlock in one shared word.  It is held for a
+/// handful of pointer moves (never across a transport call, an allocation
+/// or a log line), so a waiter spins briefly, then yields its CPU.
 #[derive(Debug, Default)]
 #[repr(C)]
 pub struct SpinLock(AtomicU32);
@@ -32,14 +25,18 @@ pub struct SpinLock(AtomicU32);
 /// Spins before a waiter starts yielding.
 const SPINS: u32 = 100;
 
-impl RawLock for SpinLock {
+// SAFETY: lock and try_lock acquire the word with Acquire ordering and
+// unlock releases it with Release, so one holder at a time and each sees
+// the previous holder's writes; the word works in any process that maps it.
+#[allow(unsafe_code)]
+unsafe impl lock_api::RawMutex for SpinLock {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: SpinLock = SpinLock(AtomicU32::new(0));
+    type GuardMarker = lock_api::GuardSend;
+
     fn lock(&self) {
         let mut spins = 0;
-        while self
-            .0
-            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while !self.try_lock() {
             while self.0.load(Ordering::Relaxed) != 0 {
                 if spins < SPINS {
                     spins += 1;
@@ -51,50 +48,79 @@ impl RawLock for SpinLock {
         }
     }
 
-    fn unlock(&self) {
+    fn try_lock(&self) -> bool {
+        self.0
+            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    unsafe fn unlock(&self) {
         self.0.store(0, Ordering::Release);
     }
 }
 
-/// Holds a lock until dropped, so no early return leaves it held.
-pub(crate) struct Guard<'a, L: RawLock>(&'a L);
+/// A mutex whose data may live in shared memory.
+pub type Mutex<T> = lock_api::Mutex<SpinLock, T>;
 
-impl<'a, L: RawLock> Guard<'a, L> {
-    pub(crate) fn new(lock: &'a L) -> Self {
-        lock.lock();
-        Guard(lock)
+/// Run `f` on the locked state; a panic inside aborts the process before
+/// the guard could unlock (see the module's text).
+pub fn critical<T, R>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> R {
+    struct Abort;
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            std::process::abort()
+        }
     }
-}
-
-impl<L: RawLock> Drop for Guard<'_, L> {
-    fn drop(&mut self) {
-        self.0.unlock();
-    }
+    let mut guard = m.lock();
+    let bomb = Abort;
+    let r = f(&mut guard);
+    std::mem::forget(bomb);
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::atomic::Ordering::Relaxed;
 
     #[test]
     fn excludes_between_threads() {
-        let lock = SpinLock::default();
-        // a non-atomic read-modify-write done with relaxed atomics: only the
-        // lock keeps the two halves together
-        let n = AtomicU64::new(0);
+        let m = Mutex::new((0u64, 0u64));
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..20_000 {
-                        let _g = Guard::new(&lock);
-                        let v = n.load(Relaxed);
-                        n.store(v + 1, Relaxed);
+                        critical(&m, |(a, b)| {
+                            *a += 1;
+                            *b = *a;
+                        });
                     }
                 });
             }
         });
-        assert_eq!(n.load(Relaxed), 80_000);
+        assert_eq!(*m.lock(), (80_000, 80_000));
+    }
+
+    /// Run by `a_panic_in_a_critical_section_aborts`, in a child process.
+    #[test]
+    #[ignore = "run in a child process by a_panic_in_a_critical_section_aborts"]
+    fn panic_under_the_lock() {
+        let m = Mutex::new(1);
+        critical(&m, |v| {
+            *v = 2;
+            panic!("half way");
+        });
+    }
+
+    #[test]
+    fn a_panic_in_a_critical_section_aborts() {
+        use std::os::unix::process::ExitStatusExt;
+        let me = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(me)
+            .args(["--ignored", "--exact", "--nocapture", "spool::lock::tests::panic_under_the_lock"])
+            .output()
+            .unwrap();
+        // killed by SIGABRT: the unlock that would publish `2` never ran
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("half way"));
     }
 }

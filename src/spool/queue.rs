@@ -1,81 +1,79 @@
 //! One queue of held events: a FIFO with at most one event in flight.
 //!
-//! The queue is an intrusive singly linked list: each held event's block
-//! (owned by the FFI layer) carries the link to the next one, reached
-//! through [`Nodes`].  So an empty queue costs a few words in the virtual
-//! socket's block, and a held event costs what it holds, charged to the
-//! [`Budget`]; nothing is reserved up front for `spool_size` events.
+//! The events are owned values of the module's ([`Held`]: a reference to
+//! the event's copy in shared memory), kept in a [`Fifo`] the module
+//! provides (an intrusive list through the copies' blocks, so an empty
+//! queue costs a few words, and nothing is reserved up front for
+//! `spool_size` events).  Each held event is charged to the [`Budget`].
 //!
 //! The life of a held event:
 //!
-//! 1. [`Queue::push`]: the raise path made a shm copy of an event every
-//!    subscriber failed ([`Enter::Failed`]), or of a live event raised
-//!    while the queue held others ([`Enter::Behind`]: it goes to the tail
-//!    rather than past them).  The queue links it at the tail, or refuses
-//!    it; making room drops the oldest.
+//! 1. [`Queue::push`]: the raise path offers an event every subscriber
+//!    failed ([`Enter::Failed`]), or a live event raised while the queue
+//!    holds others ([`Enter::Behind`]: it goes to the tail rather than past
+//!    them).  The queue puts it at the tail, or refuses it; making room
+//!    drops the oldest.
 //! 2. [`Queue::begin`]: the replay process leases the head: it is now in
 //!    flight, and no other lease is given until it is settled.  The head
-//!    stays linked (and is never dropped to make room) while in flight.
+//!    stays queued (and is never dropped to make room) while in flight.
 //! 3. [`Queue::finish`], with the lease's token, once the attempt is over
 //!    (at once for synchronous transports, in the report for asynchronous
-//!    ones, in whatever process): delivered, it is unlinked and given back
-//!    to be freed; failed, it stays at the head for the next try.
+//!    ones, in whatever process): delivered, it leaves the queue; failed,
+//!    it stays at the head for the next try.
 //!
-//! Whatever the queue unlinks is handed back to the caller to free after
-//! the lock is released: a [`Run`] of dropped events, or a single handle.
-//! Counters keep `spooled == replayed + dropped + held` at every moment
-//! the lock is free.
+//! What leaves the queue is handed back to be dropped (freed) after the
+//! lock is released.  The counters keep `spooled == replayed + dropped +
+//! held` whenever the lock is free.
 
-use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use super::budget::Budget;
 use super::config::Limits;
 use super::episode::Episodes;
-use super::lock::{Guard, RawLock, SpinLock};
+use super::lock::{Mutex, critical};
 use super::{Reason, wake::Due};
-
-/// A held event, as the FFI layer names it (for example the address of its
-/// shm block).  Never 0, so that 0 can mean "none" in a shared word.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Handle(NonZeroU64);
-
-impl Handle {
-    pub fn new(raw: u64) -> Option<Handle> {
-        NonZeroU64::new(raw).map(Handle)
-    }
-
-    pub fn get(self) -> u64 {
-        self.0.get()
-    }
-
-    fn from_word(raw: u64) -> Option<Handle> {
-        Handle::new(raw)
-    }
-
-    fn word(h: Option<Handle>) -> u64 {
-        h.map_or(0, Handle::get)
-    }
-}
 
 /// What the queue needs to know of a held event, fixed when it is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Meta {
     /// Bytes of shared memory it holds, charged to the budget.
     pub bytes: u64,
-    /// When it entered the spool, ms on the clock all processes share.
+    /// When it was made, ms on the clock all processes share.
     pub born_ms: u64,
 }
 
-/// The held events' headers, which the FFI layer keeps in their shm
-/// blocks.  The queue calls these only under its lock, or on events it has
-/// unlinked and handed back, so the FFI layer's header needs no atomics of
-/// its own beyond what makes the link visible across processes (the lock
-/// orders it).
-pub trait Nodes {
-    fn next(&self, h: Handle) -> Option<Handle>;
-    fn set_next(&self, h: Handle, next: Option<Handle>);
-    fn meta(&self, h: Handle) -> Meta;
+/// A held event: owned, and cloned (one more reference) for a lease.
+pub trait Held: Clone {
+    fn meta(&self) -> Meta;
+}
+
+/// The queue's storage: first in, first out, plus taking out the second
+/// (the oldest droppable while the head is in flight).
+pub trait Fifo: Default {
+    type Item: Held;
+    fn push_back(&mut self, item: Self::Item);
+    /// The item at 0 (the head) or 1.
+    fn get(&self, at: usize) -> Option<&Self::Item>;
+    /// Take out the item at 0 or 1.
+    fn remove(&mut self, at: usize) -> Option<Self::Item>;
+    fn len(&self) -> usize;
+}
+
+impl<T: Held> Fifo for VecDeque<T> {
+    type Item = T;
+    fn push_back(&mut self, item: T) {
+        VecDeque::push_back(self, item)
+    }
+    fn get(&self, at: usize) -> Option<&T> {
+        VecDeque::get(self, at)
+    }
+    fn remove(&mut self, at: usize) -> Option<T> {
+        VecDeque::remove(self, at)
+    }
+    fn len(&self) -> usize {
+        VecDeque::len(self)
+    }
 }
 
 /// How an event comes to the spool.
@@ -95,117 +93,70 @@ pub enum Entry {
     /// Held at the tail.  `first`: the queue was empty before (a new
     /// outage: ring the replay process's doorbell, log it once).
     Queued { first: bool },
-    /// Not held, and counted dropped: the caller frees it.
+    /// Not held, and counted dropped.
     Dropped(Reason),
     /// [`Enter::Behind`] on a queue that had emptied: not counted; the
-    /// caller delivers it live and frees its copy.
+    /// caller delivers it live.
     Empty,
 }
 
 /// The result of [`Queue::push`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "dropped events must be freed"]
-pub struct Push {
+#[must_use = "dropped events are freed when dropped: outside the lock"]
+pub struct Push<F: Fifo> {
     pub entry: Entry,
-    /// Older events dropped to make room: the caller frees them.
-    pub evicted: Run,
+    /// Older events dropped to make room.
+    pub evicted: F,
+    /// The event itself, when it was not queued.
+    pub back: Option<F::Item>,
 }
 
-impl Push {
+impl<F: Fifo> Push<F> {
     /// Events this push counted dropped (for the `events_dropped` statistic).
     pub fn dropped(&self) -> u64 {
-        u64::from(self.evicted.len()) + u64::from(matches!(self.entry, Entry::Dropped(_)))
-    }
-}
-
-/// Events unlinked together, oldest first: `len` events from `first`,
-/// following their links.  They are contiguous in the queue they came
-/// from, and nobody links them again, so their links still lead from one
-/// to the next after they are unlinked.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[must_use = "dropped events must be freed"]
-pub struct Run {
-    first: Option<Handle>,
-    len: u32,
-    bytes: u64,
-}
-
-impl Run {
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// Hand every event of the run to `free`, oldest first.  Each link is
-    /// read before its event is freed.  Call it without the queue's lock.
-    pub fn drain<N: Nodes>(self, nodes: &N, mut free: impl FnMut(Handle)) {
-        let mut at = self.first;
-        for _ in 0..self.len {
-            let Some(h) = at else { break };
-            at = nodes.next(h);
-            free(h);
-        }
-    }
-
-    fn add(&mut self, h: Handle, bytes: u64) {
-        if self.first.is_none() {
-            self.first = Some(h);
-        }
-        self.len += 1;
-        self.bytes += bytes;
+        self.evicted.len() as u64 + u64::from(matches!(self.entry, Entry::Dropped(_)))
     }
 }
 
 /// The head, leased to one attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lease {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease<I> {
     /// Names this attempt to [`Queue::finish`]; an asynchronous chain
-    /// keeps it in shared memory with its copy of the event.
+    /// keeps it in shared memory with the event.
     pub token: u64,
-    pub handle: Handle,
-    pub meta: Meta,
+    pub event: I,
 }
 
 /// The result of [`Queue::begin`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "a lease must be finished and expired events freed"]
-pub struct Begin {
+#[must_use = "a lease must be finished"]
+pub struct Begin<F: Fifo> {
     /// None: nothing to try (empty, closed, or already in flight).
-    pub lease: Option<Lease>,
-    /// Events too old to replay, dropped first: the caller frees them.
-    pub expired: Run,
+    pub lease: Option<Lease<F::Item>>,
+    /// Events too old to replay, dropped first.
+    pub expired: F,
 }
 
 /// The result of [`Queue::finish`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "a settled event must be freed"]
-pub enum Finish {
-    /// Delivered: unlinked, the caller frees it.  `drained`: the queue is
-    /// empty now (the outage is over: log it once).
-    Delivered { free: Handle, drained: bool },
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a settled event is freed when dropped: outside the lock"]
+pub enum Finish<I> {
+    /// Delivered: out of the queue.  `drained`: the queue is empty now
+    /// (the outage is over: log it once).
+    Delivered { free: I, drained: bool },
     /// Failed: still the head, tried again from `retry_at_ms` on.
     Retry { retry_at_ms: u64 },
-    /// Failed, and the queue was closed meanwhile: unlinked and counted
-    /// dropped; the caller frees it.
-    Dropped { free: Handle, reason: Reason },
+    /// Failed, and the queue was closed meanwhile: out, counted dropped
+    /// (unsubscribed).
+    Dropped { free: I },
     /// Not this queue's lease in flight (settled already): nothing done.
     Stale,
 }
 
 /// The result of [`Queue::close`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "dropped events must be freed"]
-pub struct Close {
+#[must_use = "dropped events are freed when dropped: outside the lock"]
+pub struct Close<F> {
     /// Every held event but the one in flight, counted dropped.
-    pub evicted: Run,
-    /// One event is in flight: its [`Queue::finish`] will give it back.
+    pub evicted: F,
+    /// One event is in flight: its [`Queue::finish`] will settle it.
     pub in_flight: bool,
 }
 
@@ -231,67 +182,60 @@ impl View {
     }
 }
 
-const FORCE_NONE: u32 = 0;
-const FORCE_ONE: u32 = 1;
-const FORCE_ALL: u32 = 2;
-
-/// One queue, in shared memory.  Its links change only under `lock`;
-/// `held` is also read without it.
-#[derive(Debug)]
-#[repr(C)]
-pub struct Queue<L: RawLock = SpinLock> {
-    lock: L,
-    /// Events linked, the one in flight included.
-    held: AtomicU32,
-    /// 0 while open, else 1 + the [`Reason`] it was closed for.
-    closed: AtomicU32,
-    /// A retry asked for by the operator: none, one event, all.
-    force: AtomicU32,
-    head: AtomicU64,
-    tail: AtomicU64,
-    bytes: AtomicU64,
-    /// The lease in flight, 0 when none.
-    token: AtomicU64,
-    /// Last token given; tokens are never reused.
-    seq: AtomicU64,
-    in_flight_since: AtomicU64,
-    retry_at: AtomicU64,
-    spooled: AtomicU64,
-    replayed: AtomicU64,
-    dropped: [AtomicU64; Reason::COUNT],
-    episodes: Episodes,
-    // fixed when the subscription is made
-    capacity: u32,
-    max_age_ms: u64,
-    retry_ms: u64,
+/// An operator's retry (MI): none, the next event, or all until one fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum Force {
+    #[default]
+    None,
+    One,
+    All,
 }
 
-impl<L: RawLock + Default> Queue<L> {
-    pub fn new(limits: Limits) -> Queue<L> {
-        Queue {
-            lock: L::default(),
-            held: AtomicU32::new(0),
-            closed: AtomicU32::new(0),
-            force: AtomicU32::new(FORCE_NONE),
-            head: AtomicU64::new(0),
-            tail: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            token: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
-            in_flight_since: AtomicU64::new(0),
-            retry_at: AtomicU64::new(0),
-            spooled: AtomicU64::new(0),
-            replayed: AtomicU64::new(0),
-            dropped: Default::default(),
-            episodes: Episodes::default(),
-            capacity: limits.capacity,
-            max_age_ms: limits.max_age_ms,
+/// Everything but `held` and the episodes: plain data, behind the lock.
+#[derive(Default)]
+struct State<F> {
+    fifo: F,
+    closed: bool,
+    force: Force,
+    bytes: u64,
+    /// The lease in flight, 0 when none.
+    token: u64,
+    /// Last token given; tokens are never reused.
+    seq: u64,
+    in_flight_since: u64,
+    retry_at: u64,
+    spooled: u64,
+    replayed: u64,
+    dropped: [u64; Reason::COUNT],
+    /// Fixed when the subscription is made.
+    limits: Limits,
+}
+
+/// One queue, in shared memory.
+pub struct Queue<F> {
+    /// Events queued, the one in flight included: written under the lock,
+    /// read without it by the raise path.
+    held: AtomicU32,
+    state: Mutex<State<F>>,
+    episodes: Episodes,
+}
+
+impl<F: Fifo> Queue<F> {
+    pub fn new(limits: Limits) -> Queue<F> {
+        let limits = Limits {
             retry_ms: limits.retry_ms.max(1),
+            ..limits
+        };
+        Queue {
+            held: AtomicU32::new(0),
+            state: Mutex::new(State {
+                limits,
+                ..State::default()
+            }),
+            episodes: Episodes::default(),
         }
     }
-}
 
-impl<L: RawLock> Queue<L> {
     /// Events held, without the lock: the raise path's only cost while the
     /// queue is empty.  A stale answer is harmless: [`Enter::Behind`]
     /// checks again under the lock.
@@ -300,11 +244,7 @@ impl<L: RawLock> Queue<L> {
     }
 
     pub fn limits(&self) -> Limits {
-        Limits {
-            capacity: self.capacity,
-            max_age_ms: self.max_age_ms,
-            retry_ms: self.retry_ms,
-        }
+        self.with(|s| s.limits)
     }
 
     /// The drops not yet logged, for the replay process to poll.
@@ -312,345 +252,273 @@ impl<L: RawLock> Queue<L> {
         &self.episodes
     }
 
-    /// Hold event `h`, at the tail.  Room is made by dropping the oldest
+    /// Under the lock; `held` follows the FIFO.
+    fn with<R>(&self, f: impl FnOnce(&mut State<F>) -> R) -> R {
+        critical(&self.state, |s| {
+            let r = f(s);
+            self.held.store(s.fifo.len() as u32, Relaxed);
+            r
+        })
+    }
+
+    /// Hold `event`, at the tail.  Room is made by dropping the oldest
     /// events that are not in flight: first those older than the maximum
     /// age, then one if the queue is full, then as many as the budget
-    /// needs.  If no room can be made the new event is dropped.
-    pub fn push<N: Nodes>(
-        &self,
-        h: Handle,
-        enter: Enter,
-        nodes: &N,
-        budget: &Budget,
-        now_ms: u64,
-    ) -> Push {
-        let _g = Guard::new(&self.lock);
-        let mut evicted = Run::default();
-        let held = self.held.load(Relaxed);
-        if enter == Enter::Behind && held == 0 && self.closed_for().is_none() {
-            return Push {
-                entry: Entry::Empty,
-                evicted,
-            };
+    /// needs.  If no room can be made the new event is dropped (and
+    /// handed back in `evicted`).
+    pub fn push(&self, event: F::Item, enter: Enter, budget: &Budget, now_ms: u64) -> Push<F> {
+        let mut evicted = F::default();
+        let mut back = None;
+        let entry = self.with(|s| {
+            if enter == Enter::Behind && s.fifo.len() == 0 && !s.closed {
+                back = Some(event);
+                return Entry::Empty;
+            }
+            s.spooled += 1;
+            let bytes = event.meta().bytes;
+            if let Err(reason) = self.make_room(s, budget, bytes, now_ms, &mut evicted) {
+                self.count_dropped(s, reason, now_ms);
+                back = Some(event);
+                return Entry::Dropped(reason);
+            }
+            let first = s.fifo.len() == 0;
+            s.fifo.push_back(event);
+            s.bytes += bytes;
+            budget.held_add(1);
+            if first {
+                // a new outage: every subscriber has just failed this
+                // event, so its first replay waits at least retry_ms
+                s.retry_at = now_ms.saturating_add(s.limits.retry_ms);
+            }
+            Entry::Queued { first }
+        });
+        Push {
+            entry,
+            evicted,
+            back,
         }
-        self.spooled.fetch_add(1, Relaxed);
-        let entry = match self.make_room(nodes, budget, nodes.meta(h), now_ms, &mut evicted) {
-            Err(reason) => {
-                self.count_dropped(reason, 1, now_ms);
-                Entry::Dropped(reason)
-            }
-            Ok(()) => {
-                let meta = nodes.meta(h);
-                nodes.set_next(h, None);
-                match self.tail() {
-                    Some(t) => nodes.set_next(t, Some(h)),
-                    None => self.head.store(h.get(), Relaxed),
-                }
-                self.tail.store(h.get(), Relaxed);
-                let first = self.held.fetch_add(1, Relaxed) == 0;
-                self.bytes.fetch_add(meta.bytes, Relaxed);
-                budget.held_add(1);
-                if first {
-                    // a new outage: every subscriber has just failed this
-                    // event, so its first replay waits at least retry_ms
-                    self.retry_at
-                        .store(now_ms.saturating_add(self.retry_ms), Relaxed);
-                }
-                Entry::Queued { first }
-            }
-        };
-        Push { entry, evicted }
     }
 
     /// Lease the head to one attempt, unless the queue is empty, closed or
     /// has one in flight.  Events past the maximum age are dropped first:
     /// an event too old to keep is not replayed either.
-    pub fn begin<N: Nodes>(&self, nodes: &N, budget: &Budget, now_ms: u64) -> Begin {
-        let _g = Guard::new(&self.lock);
-        let mut expired = Run::default();
-        if self.closed_for().is_some() || self.in_flight() {
-            return Begin {
-                lease: None,
-                expired,
-            };
-        }
-        self.expire_locked(nodes, budget, now_ms, &mut expired);
-        let lease = self.head().map(|handle| {
-            let token = self.seq.fetch_add(1, Relaxed) + 1;
-            self.token.store(token, Relaxed);
-            self.in_flight_since.store(now_ms, Relaxed);
-            // a retry of one event is spent once it is tried
-            let _ = self
-                .force
-                .compare_exchange(FORCE_ONE, FORCE_NONE, Relaxed, Relaxed);
-            Lease {
-                token,
-                handle,
-                meta: nodes.meta(handle),
+    pub fn begin(&self, budget: &Budget, now_ms: u64) -> Begin<F> {
+        let mut expired = F::default();
+        let lease = self.with(|s| {
+            if s.closed || s.token != 0 {
+                return None;
             }
+            self.expire_locked(s, budget, now_ms, &mut expired);
+            let event = s.fifo.get(0)?.clone();
+            s.seq += 1;
+            s.token = s.seq;
+            s.in_flight_since = now_ms;
+            // a retry of one event is spent once it is tried
+            if s.force == Force::One {
+                s.force = Force::None;
+            }
+            Some(Lease {
+                token: s.token,
+                event,
+            })
         });
         Begin { lease, expired }
     }
 
     /// Settle the attempt `token` leased: once.  A second call, or one for
     /// an older lease, is [`Finish::Stale`] and changes nothing.
-    pub fn finish<N: Nodes>(
+    pub fn finish(
         &self,
         token: u64,
         delivered: bool,
-        nodes: &N,
         budget: &Budget,
         now_ms: u64,
-    ) -> Finish {
-        let _g = Guard::new(&self.lock);
-        if token == 0 || self.token.load(Relaxed) != token {
-            return Finish::Stale;
-        }
-        self.token.store(0, Relaxed);
-        let Some(head) = self.head() else {
-            debug_assert!(false, "a lease on an empty queue");
-            return Finish::Stale;
-        };
-        if delivered {
-            self.unlink_head(nodes, budget, head);
-            self.replayed.fetch_add(1, Relaxed);
-            let drained = self.held.load(Relaxed) == 0;
-            if drained {
-                self.force.store(FORCE_NONE, Relaxed);
+    ) -> Finish<F::Item> {
+        self.with(|s| {
+            if token == 0 || s.token != token {
+                return Finish::Stale;
             }
-            return Finish::Delivered {
-                free: head,
-                drained,
-            };
-        }
-        if let Some(reason) = self.closed_for() {
-            self.unlink_head(nodes, budget, head);
-            self.count_dropped(reason, 1, now_ms);
-            return Finish::Dropped { free: head, reason };
-        }
-        // a forced retry ends at the first failure: the subscribers'
-        // windows rule again
-        self.force.store(FORCE_NONE, Relaxed);
-        let at = now_ms.saturating_add(self.retry_ms);
-        self.retry_at.store(at, Relaxed);
-        Finish::Retry { retry_at_ms: at }
+            s.token = 0;
+            if delivered || s.closed {
+                let Some(free) = self.take(s, budget, 0) else {
+                    return Finish::Stale;
+                };
+                if delivered {
+                    s.replayed += 1;
+                    let drained = s.fifo.len() == 0;
+                    if drained {
+                        s.force = Force::None;
+                    }
+                    return Finish::Delivered { free, drained };
+                }
+                self.count_dropped(s, Reason::Unsubscribed, now_ms);
+                return Finish::Dropped { free };
+            }
+            // a forced retry ends at the first failure: the subscribers'
+            // windows rule again
+            s.force = Force::None;
+            s.retry_at = now_ms.saturating_add(s.limits.retry_ms);
+            Finish::Retry {
+                retry_at_ms: s.retry_at,
+            }
+        })
     }
 
     /// Drop the events past the maximum age (the replay process's sweep,
     /// so that a queue nobody replays still ages out).
-    pub fn expire<N: Nodes>(&self, nodes: &N, budget: &Budget, now_ms: u64) -> Run {
-        let _g = Guard::new(&self.lock);
-        let mut run = Run::default();
-        self.expire_locked(nodes, budget, now_ms, &mut run);
+    pub fn expire(&self, budget: &Budget, now_ms: u64) -> F {
+        let mut run = F::default();
+        self.with(|s| self.expire_locked(s, budget, now_ms, &mut run));
         run
     }
 
-    /// The subscription is going (unsubscribe, expiry: [`Reason::Unsubscribed`];
-    /// shutdown: [`Reason::Shutdown`]): every event not in flight is
-    /// dropped, and from now on nothing is taken or leased.  The one in
-    /// flight is dropped or counted replayed by its [`Queue::finish`].
-    pub fn close<N: Nodes>(
-        &self,
-        reason: Reason,
-        nodes: &N,
-        budget: &Budget,
-        now_ms: u64,
-    ) -> Close {
-        let _g = Guard::new(&self.lock);
-        let mut evicted = Run::default();
-        if self.closed_for().is_none() {
-            self.closed.store(reason as u32 + 1, Relaxed);
-        }
-        let reason = self.closed_for().unwrap_or(reason);
-        while self.evict_front(nodes, budget, reason, now_ms, &mut evicted) {}
-        self.force.store(FORCE_NONE, Relaxed);
-        Close {
-            evicted,
-            in_flight: self.in_flight(),
-        }
+    /// The subscription is going (unsubscribe, expiry): every event not
+    /// in flight is dropped, and from now on nothing is taken or leased.
+    /// The one in flight is dropped or counted replayed by its
+    /// [`Queue::finish`].
+    pub fn close(&self, budget: &Budget, now_ms: u64) -> Close<F> {
+        let mut evicted = F::default();
+        let in_flight = self.with(|s| {
+            s.closed = true;
+            while self.evict_front(s, budget, Reason::Unsubscribed, now_ms, &mut evicted) {}
+            s.force = Force::None;
+            s.token != 0
+        });
+        Close { evicted, in_flight }
     }
 
     /// The operator's retry (MI): the next event (`all` false) or every
     /// event until one fails, now, whatever the subscribers' windows.
     /// False when there is nothing to retry.
     pub fn retry_now(&self, all: bool) -> bool {
-        let _g = Guard::new(&self.lock);
-        if self.held.load(Relaxed) == 0 || self.closed_for().is_some() {
-            return false;
-        }
-        let want = if all { FORCE_ALL } else { FORCE_ONE };
-        self.force.fetch_max(want, Relaxed);
-        true
+        self.with(|s| {
+            if s.fifo.len() == 0 || s.closed {
+                return false;
+            }
+            s.force = s.force.max(if all { Force::All } else { Force::One });
+            true
+        })
     }
 
-    /// What [`super::wake::due_at`] needs, without the lock (a stale
-    /// figure only moves a wake-up; [`Queue::begin`] decides under it).
+    /// What [`super::wake::due_at`] needs.
     pub fn due(&self) -> Due {
-        Due {
-            held: self.held.load(Relaxed),
-            in_flight: self.in_flight(),
-            closed: self.closed_for().is_some(),
-            retry_at_ms: self.retry_at.load(Relaxed),
-            forced: self.force.load(Relaxed) != FORCE_NONE,
-        }
+        self.with(|s| Due {
+            held: s.fifo.len() as u32,
+            in_flight: s.token != 0,
+            closed: s.closed,
+            retry_at_ms: s.retry_at,
+            forced: s.force != Force::None,
+        })
     }
 
-    /// The operator's view; under the lock, since it reads the head.
-    pub fn view<N: Nodes>(&self, nodes: &N, now_ms: u64) -> View {
-        let _g = Guard::new(&self.lock);
-        let held = self.held.load(Relaxed);
-        let head = self.head();
-        View {
-            held,
-            bytes: self.bytes.load(Relaxed),
-            oldest_ms: head.map(|h| now_ms.saturating_sub(nodes.meta(h).born_ms)),
-            in_flight_ms: self
-                .in_flight()
-                .then(|| now_ms.saturating_sub(self.in_flight_since.load(Relaxed))),
-            retry_at_ms: (held > 0).then(|| self.retry_at.load(Relaxed)),
-            spooled: self.spooled.load(Relaxed),
-            replayed: self.replayed.load(Relaxed),
-            dropped: std::array::from_fn(|i| self.dropped[i].load(Relaxed)),
-        }
+    /// The operator's view.
+    pub fn view(&self, now_ms: u64) -> View {
+        self.with(|s| View {
+            held: s.fifo.len() as u32,
+            bytes: s.bytes,
+            oldest_ms: s
+                .fifo
+                .get(0)
+                .map(|h| now_ms.saturating_sub(h.meta().born_ms)),
+            in_flight_ms: (s.token != 0).then(|| now_ms.saturating_sub(s.in_flight_since)),
+            retry_at_ms: (s.fifo.len() > 0).then_some(s.retry_at),
+            spooled: s.spooled,
+            replayed: s.replayed,
+            dropped: s.dropped,
+        })
     }
 
     // ---- under the lock --------------------------------------------------
 
-    fn head(&self) -> Option<Handle> {
-        Handle::from_word(self.head.load(Relaxed))
-    }
-
-    fn tail(&self) -> Option<Handle> {
-        Handle::from_word(self.tail.load(Relaxed))
-    }
-
-    fn in_flight(&self) -> bool {
-        self.token.load(Relaxed) != 0
-    }
-
-    fn closed_for(&self) -> Option<Reason> {
-        match self.closed.load(Relaxed) {
-            0 => None,
-            r => Reason::ALL.get(r as usize - 1).copied(),
+    fn count_dropped(&self, s: &mut State<F>, reason: Reason, now_ms: u64) {
+        s.dropped[reason as usize] += 1;
+        // an unsubscribe drops its events at once, and is logged at once
+        if reason != Reason::Unsubscribed {
+            self.episodes.record(reason, 1, now_ms);
         }
     }
 
-    fn count_dropped(&self, reason: Reason, n: u64, now_ms: u64) {
-        self.dropped[reason.index()].fetch_add(n, Relaxed);
-        if reason.episodic() {
-            self.episodes.record(reason, n, now_ms);
-        }
-    }
-
-    /// The oldest event that may be dropped: the head, or the one after it
-    /// while the head is in flight.
-    fn droppable(&self, nodes: &impl Nodes) -> Option<Handle> {
-        let head = self.head()?;
-        if self.in_flight() {
-            nodes.next(head)
-        } else {
-            Some(head)
-        }
-    }
-
-    /// Room for an event of `meta.bytes`, or why there is none.
-    fn make_room<N: Nodes>(
+    /// Room for an event of `bytes`, or why there is none.
+    fn make_room(
         &self,
-        nodes: &N,
+        s: &mut State<F>,
         budget: &Budget,
-        meta: Meta,
+        bytes: u64,
         now_ms: u64,
-        run: &mut Run,
+        run: &mut F,
     ) -> Result<(), Reason> {
-        if let Some(reason) = self.closed_for() {
-            return Err(reason);
+        if s.closed {
+            return Err(Reason::Unsubscribed);
         }
-        if self.capacity == 0 {
+        if s.limits.capacity == 0 {
             return Err(Reason::Overflow);
         }
-        self.expire_locked(nodes, budget, now_ms, run);
-        if self.held.load(Relaxed) >= self.capacity
-            && !self.evict_front(nodes, budget, Reason::Overflow, now_ms, run)
+        self.expire_locked(s, budget, now_ms, run);
+        if s.fifo.len() >= s.limits.capacity as usize
+            && !self.evict_front(s, budget, Reason::Overflow, now_ms, run)
         {
             // full of one event in flight: the newest is the one to go
             return Err(Reason::Overflow);
         }
         // drop nothing for an event that cannot fit even if this queue
         // gave up everything it may
-        let in_flight_bytes = match (self.in_flight(), self.head()) {
-            (true, Some(h)) => nodes.meta(h).bytes,
+        let in_flight_bytes = match (s.token != 0, s.fifo.get(0)) {
+            (true, Some(h)) => h.meta().bytes,
             _ => 0,
         };
-        let freeable = self.bytes.load(Relaxed) - in_flight_bytes;
-        let others = budget.used().saturating_sub(freeable);
-        if others.saturating_add(meta.bytes) > budget.limit() {
+        let others = budget.used().saturating_sub(s.bytes - in_flight_bytes);
+        if others.saturating_add(bytes) > budget.limit() {
             return Err(Reason::Budget);
         }
-        while !budget.try_charge(meta.bytes) {
-            if !self.evict_front(nodes, budget, Reason::Budget, now_ms, run) {
+        while !budget.try_charge(bytes) {
+            if !self.evict_front(s, budget, Reason::Budget, now_ms, run) {
                 return Err(Reason::Budget);
             }
         }
         Ok(())
     }
 
-    fn expire_locked<N: Nodes>(&self, nodes: &N, budget: &Budget, now_ms: u64, run: &mut Run) {
-        if self.max_age_ms == 0 {
+    fn expire_locked(&self, s: &mut State<F>, budget: &Budget, now_ms: u64, run: &mut F) {
+        let max_age = s.limits.max_age_ms;
+        if max_age == 0 {
             return;
         }
-        while let Some(h) = self.droppable(nodes) {
-            if now_ms.saturating_sub(nodes.meta(h).born_ms) < self.max_age_ms {
+        while let Some(h) = s.fifo.get(usize::from(s.token != 0)) {
+            if now_ms.saturating_sub(h.meta().born_ms) < max_age {
                 break;
             }
-            self.evict_front(nodes, budget, Reason::Age, now_ms, run);
+            self.evict_front(s, budget, Reason::Age, now_ms, run);
         }
     }
 
-    /// Drop the oldest droppable event into `run`; false when there is none.
-    fn evict_front<N: Nodes>(
+    /// Drop the oldest droppable event (the head, or the one after it
+    /// while the head is in flight) into `run`; false when there is none.
+    fn evict_front(
         &self,
-        nodes: &N,
+        s: &mut State<F>,
         budget: &Budget,
         reason: Reason,
         now_ms: u64,
-        run: &mut Run,
+        run: &mut F,
     ) -> bool {
-        let Some(victim) = self.droppable(nodes) else {
-            return false;
-        };
-        let after = nodes.next(victim);
-        // while the head is in flight the victim is the one after it, and
-        // the head is its predecessor
-        let before = if self.in_flight() { self.head() } else { None };
-        match before {
-            Some(b) => nodes.set_next(b, after),
-            None => self.head.store(Handle::word(after), Relaxed),
+        let at = usize::from(s.token != 0);
+        match self.take(s, budget, at) {
+            Some(victim) => {
+                run.push_back(victim);
+                self.count_dropped(s, reason, now_ms);
+                true
+            }
+            None => false,
         }
-        if self.tail() == Some(victim) {
-            self.tail.store(Handle::word(before), Relaxed);
-        }
-        let bytes = self.forget(budget, victim, nodes);
-        run.add(victim, bytes);
-        self.count_dropped(reason, 1, now_ms);
-        true
     }
 
-    fn unlink_head<N: Nodes>(&self, nodes: &N, budget: &Budget, head: Handle) {
-        let after = nodes.next(head);
-        self.head.store(Handle::word(after), Relaxed);
-        if after.is_none() {
-            self.tail.store(0, Relaxed);
-        }
-        self.forget(budget, head, nodes);
-    }
-
-    /// Take an unlinked event out of the counts and the budget.
-    fn forget<N: Nodes>(&self, budget: &Budget, h: Handle, nodes: &N) -> u64 {
-        let bytes = nodes.meta(h).bytes;
-        self.held.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(bytes, Relaxed);
+    /// Take the event at 0 or 1 out of the FIFO, the counts and the budget.
+    fn take(&self, s: &mut State<F>, budget: &Budget, at: usize) -> Option<F::Item> {
+        let h = s.fifo.remove(at)?;
+        let bytes = h.meta().bytes;
+        s.bytes -= bytes;
         budget.release(bytes);
         budget.held_sub(1);
-        bytes
+        Some(h)
     }
 }

@@ -16,8 +16,7 @@
 
 use super::budget::Budget;
 use super::episode::{self, Report};
-use super::lock::RawLock;
-use super::queue::{Finish, Handle, Lease, Nodes, Queue};
+use super::queue::{Fifo, Finish, Lease, Queue};
 use super::wake::{due_at, next_wake};
 
 /// Events one queue replays per round before the others get their turn.
@@ -36,15 +35,11 @@ pub enum Attempted {
 }
 
 /// What a round needs from the FFI layer.
-pub trait Replayer {
-    type Nodes: Nodes;
-    fn nodes(&self) -> &Self::Nodes;
+pub trait Replayer<F: Fifo> {
     /// Attempt queue `q`'s leased head: the policy's walk for a FAILOVER,
     /// ROUND-ROBIN or HASH socket, the queue's own subscriber for a
     /// PARALLEL one.  No lock is held.
-    fn attempt(&mut self, q: usize, lease: &Lease) -> Attempted;
-    /// Free a held event's blocks.
-    fn free(&mut self, h: Handle);
+    fn attempt(&mut self, q: usize, lease: &Lease<F::Item>) -> Attempted;
     /// When the first subscriber that could take queue `q`'s head is out
     /// of its failover window ([`super::wake::eligible_at`]).
     fn eligible_at(&self, q: usize, now_ms: u64) -> u64;
@@ -57,7 +52,6 @@ pub trait Replayer {
 /// What a round did, for the statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
-    pub attempts: u64,
     pub replayed: u64,
     pub dropped: u64,
     /// When the round should run again, if any queue holds events.
@@ -68,8 +62,8 @@ pub struct Tally {
 }
 
 /// Run one round over `queues` at `now_ms`.
-pub fn round<L: RawLock, R: Replayer>(
-    queues: &[&Queue<L>],
+pub fn round<F: Fifo, R: Replayer<F>>(
+    queues: &[&Queue<F>],
     budget: &Budget,
     r: &mut R,
     now_ms: u64,
@@ -78,9 +72,7 @@ pub fn round<L: RawLock, R: Replayer>(
     let mut t = Tally::default();
     let mut more = false;
     for (q, queue) in queues.iter().enumerate() {
-        let run = queue.expire(r.nodes(), budget, now_ms);
-        t.dropped += u64::from(run.len());
-        drain(run, r);
+        t.dropped += queue.expire(budget, now_ms).len() as u64;
         let mut n = 0;
         while due_at(queue.due(), r.eligible_at(q, now_ms)).is_some_and(|d| d <= now_ms) {
             if n == batch {
@@ -88,28 +80,22 @@ pub fn round<L: RawLock, R: Replayer>(
                 break;
             }
             n += 1;
-            let b = queue.begin(r.nodes(), budget, now_ms);
-            t.dropped += u64::from(b.expired.len());
-            drain(b.expired, r);
+            let b = queue.begin(budget, now_ms);
+            t.dropped += b.expired.len() as u64;
             let Some(lease) = b.lease else { break };
-            t.attempts += 1;
             let ok = match r.attempt(q, &lease) {
                 Attempted::Pending => break,
                 Attempted::Delivered => true,
                 Attempted::Failed => false,
             };
-            match queue.finish(lease.token, ok, r.nodes(), budget, now_ms) {
-                Finish::Delivered { free, drained } => {
+            match queue.finish(lease.token, ok, budget, now_ms) {
+                Finish::Delivered { drained, .. } => {
                     t.replayed += 1;
-                    r.free(free);
                     if drained {
                         r.drained(q);
                     }
                 }
-                Finish::Dropped { free, .. } => {
-                    t.dropped += 1;
-                    r.free(free);
-                }
+                Finish::Dropped { .. } => t.dropped += 1,
                 Finish::Retry { .. } | Finish::Stale => break,
             }
         }
@@ -129,12 +115,4 @@ pub fn round<L: RawLock, R: Replayer>(
     );
     t.next_ms = if more { Some(now_ms) } else { next };
     t
-}
-
-fn drain<R: Replayer>(run: super::Run, r: &mut R) {
-    let mut freed = vec![];
-    run.drain(r.nodes(), |h| freed.push(h));
-    for h in freed {
-        r.free(h);
-    }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 
@@ -25,85 +25,70 @@ use crate::spool::wake::{due_at, eligible_at, next_wake};
 
 // ---- test doubles ----------------------------------------------------------
 
-/// A lock on std's Mutex and Condvar: fine between threads, which is all
-/// the tests have (the module uses [`SpinLock`] or a gen_lock_t in shm).
-#[derive(Default)]
-struct StdLock {
-    locked: Mutex<bool>,
-    cv: Condvar,
-}
+/// The module's held event, faked: a counted reference to a block with an
+/// id; the heap counts the blocks alive, so a leak shows.
+#[derive(Clone, Debug)]
+struct Ev(Arc<Block>);
 
-impl RawLock for StdLock {
-    fn lock(&self) {
-        let mut g = self.locked.lock().unwrap();
-        while *g {
-            g = self.cv.wait(g).unwrap();
-        }
-        *g = true;
-    }
-    fn unlock(&self) {
-        *self.locked.lock().unwrap() = false;
-        self.cv.notify_one();
-    }
-}
-
+#[derive(Debug)]
 struct Block {
-    next: Option<Handle>,
+    id: u64,
     meta: Meta,
+    live: Arc<AtomicU64>,
 }
 
-/// The FFI layer's part, faked: held-event blocks by handle.  Touching a
-/// freed block, or freeing one twice, panics.
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Held for Ev {
+    fn meta(&self) -> Meta {
+        self.0.meta
+    }
+}
+
+impl PartialEq for Ev {
+    fn eq(&self, o: &Ev) -> bool {
+        self.id() == o.id()
+    }
+}
+impl Eq for Ev {}
+
+impl Ev {
+    fn id(&self) -> u64 {
+        self.0.id
+    }
+}
+
+type Handle = u64;
+type Q = Queue<VecDeque<Ev>>;
+
+/// Makes held events, and counts those alive.
 #[derive(Default)]
 struct Heap {
-    blocks: Mutex<HashMap<u64, Block>>,
+    live: Arc<AtomicU64>,
     last: AtomicU64,
 }
 
 impl Heap {
-    fn alloc(&self, bytes: u64, born_ms: u64) -> Handle {
+    fn alloc(&self, bytes: u64, born_ms: u64) -> Ev {
         let id = self.last.fetch_add(1, Relaxed) + 1;
-        let meta = Meta { bytes, born_ms };
-        self.blocks
-            .lock()
-            .unwrap()
-            .insert(id, Block { next: None, meta });
-        Handle::new(id).unwrap()
-    }
-    fn free(&self, h: Handle) {
-        let gone = self.blocks.lock().unwrap().remove(&h.get());
-        assert!(gone.is_some(), "double free of {h:?}");
+        self.live.fetch_add(1, Relaxed);
+        Ev(Arc::new(Block {
+            id,
+            meta: Meta { bytes, born_ms },
+            live: self.live.clone(),
+        }))
     }
     fn live(&self) -> usize {
-        self.blocks.lock().unwrap().len()
+        self.live.load(Relaxed) as usize
     }
 }
 
-impl Nodes for Heap {
-    fn next(&self, h: Handle) -> Option<Handle> {
-        self.blocks
-            .lock()
-            .unwrap()
-            .get(&h.get())
-            .expect("use after free")
-            .next
-    }
-    fn set_next(&self, h: Handle, next: Option<Handle>) {
-        self.blocks
-            .lock()
-            .unwrap()
-            .get_mut(&h.get())
-            .expect("use after free")
-            .next = next;
-    }
-    fn meta(&self, h: Handle) -> Meta {
-        self.blocks
-            .lock()
-            .unwrap()
-            .get(&h.get())
-            .expect("use after free")
-            .meta
-    }
+fn ids_of(f: &VecDeque<Ev>) -> Vec<Handle> {
+    f.iter().map(Ev::id).collect()
 }
 
 fn limits(capacity: u32, max_age_ms: u64) -> Limits {
@@ -117,7 +102,7 @@ fn limits(capacity: u32, max_age_ms: u64) -> Limits {
 struct World {
     heap: Heap,
     budget: Budget,
-    q: Queue<StdLock>,
+    q: Q,
 }
 
 impl World {
@@ -129,30 +114,21 @@ impl World {
         }
     }
 
-    /// Push an event of `bytes`, freeing what the push gives back; the
-    /// event's handle and its entry.
+    /// Push an event of `bytes`; its id and its entry.
     fn push(&self, bytes: u64, enter: Enter, now: u64) -> (Handle, Entry) {
         let h = self.heap.alloc(bytes, now);
-        let p = self.q.push(h, enter, &self.heap, &self.budget, now);
-        p.evicted.drain(&self.heap, |x| self.heap.free(x));
-        if !matches!(p.entry, Entry::Queued { .. }) {
-            self.heap.free(h);
-        }
-        (h, p.entry)
+        let id = h.id();
+        let p = self.q.push(h, enter, &self.budget, now);
+        assert_eq!(p.back.is_some(), !matches!(p.entry, Entry::Queued { .. }));
+        (id, p.entry)
     }
 
-    fn begin(&self, now: u64) -> Option<Lease> {
-        let b = self.q.begin(&self.heap, &self.budget, now);
-        b.expired.drain(&self.heap, |x| self.heap.free(x));
-        b.lease
+    fn begin(&self, now: u64) -> Option<Lease<Ev>> {
+        self.q.begin(&self.budget, now).lease
     }
 
-    fn finish(&self, token: u64, ok: bool, now: u64) -> Finish {
-        let f = self.q.finish(token, ok, &self.heap, &self.budget, now);
-        if let Finish::Delivered { free, .. } | Finish::Dropped { free, .. } = f {
-            self.heap.free(free);
-        }
-        f
+    fn finish(&self, token: u64, ok: bool, now: u64) -> Finish<Ev> {
+        self.q.finish(token, ok, &self.budget, now)
     }
 
     /// Finish a live lease, whatever became of it.
@@ -160,11 +136,11 @@ impl World {
         assert_ne!(self.finish(token, ok, now), Finish::Stale);
     }
 
-    /// Replay everything that is held, in order; the handles delivered.
+    /// Replay everything that is held, in order; the ids delivered.
     fn drain_all(&self, now: u64) -> Vec<Handle> {
         let mut out = vec![];
         while let Some(l) = self.begin(now) {
-            out.push(l.handle);
+            out.push(l.event.id());
             assert!(matches!(
                 self.finish(l.token, true, now),
                 Finish::Delivered { .. }
@@ -174,7 +150,7 @@ impl World {
     }
 
     fn view(&self) -> View {
-        self.q.view(&self.heap, 0)
+        self.q.view(0)
     }
 
     fn conserved(&self) {
@@ -203,7 +179,7 @@ fn replays_in_order_and_says_when_drained() {
     let mut got = vec![];
     loop {
         let l = w.begin(100).unwrap();
-        got.push(l.handle);
+        got.push(l.event.id());
         match w.finish(l.token, true, 100) {
             Finish::Delivered { drained: true, .. } => break,
             Finish::Delivered { drained: false, .. } => {}
@@ -229,7 +205,7 @@ fn one_in_flight_and_each_lease_settles_once() {
     );
     // the failed head is still the head, under a new token
     let l2 = w.begin(2000).unwrap();
-    assert_eq!(l2.handle, l.handle);
+    assert_eq!(l2.event.id(), l.event.id());
     assert_ne!(l2.token, l.token);
     assert_eq!(w.finish(l.token, true, 2000), Finish::Stale);
     assert!(matches!(
@@ -261,7 +237,7 @@ fn the_event_in_flight_is_never_dropped_to_make_room() {
     let (a, _) = w.push(1, Enter::Failed, 0);
     w.push(1, Enter::Failed, 0);
     let l = w.begin(1).unwrap();
-    assert_eq!(l.handle, a);
+    assert_eq!(l.event.id(), a);
     // full: b goes (the oldest not in flight), a stays in flight
     let (c, e) = w.push(1, Enter::Behind, 2);
     assert_eq!(e, Entry::Queued { first: false });
@@ -282,8 +258,9 @@ fn the_event_in_flight_is_never_dropped_to_make_room() {
         Entry::Dropped(Reason::Overflow)
     );
     w.settle(l.token, true, 3);
-    assert_eq!(l.handle, a);
+    assert_eq!(l.event.id(), a);
     w.conserved();
+    drop(l);
     assert_eq!(w.heap.live(), 0);
 }
 
@@ -293,12 +270,12 @@ fn old_events_are_dropped_not_replayed() {
     w.push(1, Enter::Failed, 0);
     let (young, _) = w.push(1, Enter::Failed, 50);
     let l = w.begin(120).unwrap();
-    assert_eq!(l.handle, young);
+    assert_eq!(l.event.id(), young);
     w.settle(l.token, false, 120);
     // the sweep drops what no attempt reached
-    let run = w.q.expire(&w.heap, &w.budget, 150);
+    let run = w.q.expire(&w.budget, 150);
     assert_eq!(run.len(), 1);
-    run.drain(&w.heap, |h| w.heap.free(h));
+    drop(run);
     assert_eq!(w.view().dropped[Reason::Age as usize], 2);
     assert_eq!(w.q.held(), 0);
     w.conserved();
@@ -309,38 +286,27 @@ fn the_budget_is_shared_and_each_queue_pays_from_its_own() {
     let heap = Heap::default();
     let budget = Budget::new(100);
     let (q1, q2) = (
-        Queue::<StdLock>::new(limits(10, 0)),
-        Queue::<StdLock>::new(limits(10, 0)),
+        Q::new(limits(10, 0)),
+        Q::new(limits(10, 0)),
     );
-    let push = |q: &Queue<StdLock>, bytes| {
-        let h = heap.alloc(bytes, 0);
-        let p = q.push(h, Enter::Failed, &heap, &budget, 0);
-        p.evicted.drain(&heap, |x| heap.free(x));
-        if !matches!(p.entry, Entry::Queued { .. }) {
-            heap.free(h);
-        }
-        p
+    let push = |q: &Q, bytes| {
+        let p = q.push(heap.alloc(bytes, 0), Enter::Failed, &budget, 0);
+        (p.entry, p.evicted.len())
     };
     for i in 0..3 {
-        assert_eq!(push(&q1, 30).entry, Entry::Queued { first: i == 0 });
+        assert_eq!(push(&q1, 30).0, Entry::Queued { first: i == 0 });
     }
     assert_eq!(budget.used(), 90);
     // q2 has nothing of its own to give up: its event is dropped
-    assert_eq!(push(&q2, 30).entry, Entry::Dropped(Reason::Budget));
+    assert_eq!(push(&q2, 30).0, Entry::Dropped(Reason::Budget));
     // q1 gives up its oldest for its newest
     let p = push(&q1, 30);
-    assert_eq!(
-        (p.entry, p.evicted.len()),
-        (Entry::Queued { first: false }, 1)
-    );
+    assert_eq!(p, (Entry::Queued { first: false }, 1));
     // an event larger than the budget drops nothing else
     let p = push(&q1, 101);
-    assert_eq!(
-        (p.entry, p.evicted.len()),
-        (Entry::Dropped(Reason::Budget), 0)
-    );
+    assert_eq!(p, (Entry::Dropped(Reason::Budget), 0));
     assert!(budget.used() <= 100);
-    let v = q1.view(&heap, 0);
+    let v = q1.view(0);
     assert_eq!(v.dropped[Reason::Budget as usize], 2);
     assert_eq!(v.bytes, budget.used());
     assert_eq!(budget.held(), 3);
@@ -367,9 +333,9 @@ fn unsubscribing_drops_what_is_held_and_the_one_in_flight_when_it_settles() {
             w.push(8, Enter::Failed, i);
         }
         let l = w.begin(5).unwrap();
-        let c = w.q.close(Reason::Unsubscribed, &w.heap, &w.budget, 6);
+        let c = w.q.close(&w.budget, 6);
         assert_eq!((c.evicted.len(), c.in_flight), (3, true));
-        c.evicted.drain(&w.heap, |h| w.heap.free(h));
+        drop(c.evicted);
         // a raise that began before the unsubscribe
         assert_eq!(
             w.push(8, Enter::Behind, 7).1,
@@ -383,12 +349,10 @@ fn unsubscribing_drops_what_is_held_and_the_one_in_flight_when_it_settles() {
         } else {
             assert_eq!(
                 f,
-                Finish::Dropped {
-                    free: l.handle,
-                    reason: Reason::Unsubscribed
-                }
+                Finish::Dropped { free: l.event.clone() }
             );
         }
+        drop((l, f));
         let v = w.view();
         assert_eq!(
             v.dropped[Reason::Unsubscribed as usize],
@@ -399,7 +363,7 @@ fn unsubscribing_drops_what_is_held_and_the_one_in_flight_when_it_settles() {
         assert_eq!((w.heap.live(), w.budget.used(), w.budget.held()), (0, 0, 0));
         w.conserved();
         // closing again changes nothing
-        let again = w.q.close(Reason::Shutdown, &w.heap, &w.budget, 10);
+        let again = w.q.close(&w.budget, 10);
         assert_eq!((again.evicted.len(), again.in_flight), (0, false));
     }
 }
@@ -410,7 +374,7 @@ fn an_operator_retry_makes_a_queue_due_once_or_until_it_fails() {
     for i in 0..3 {
         w.push(1, Enter::Failed, i);
     }
-    let due = |q: &Queue<StdLock>| due_at(q.due(), 5000);
+    let due = |q: &Q| due_at(q.due(), 5000);
     assert_eq!(due(&w.q), Some(5000));
     assert!(w.q.retry_now(false));
     assert_eq!(due(&w.q), Some(0));
@@ -430,12 +394,12 @@ fn an_operator_retry_makes_a_queue_due_once_or_until_it_fails() {
 #[test]
 fn the_view_shows_what_the_operator_needs() {
     let w = World::new(limits(2, 0), 1 << 20);
-    assert_eq!(w.q.view(&w.heap, 5), View::default());
+    assert_eq!(w.q.view(5), View::default());
     w.push(7, Enter::Failed, 100);
     w.push(7, Enter::Failed, 200);
     w.push(7, Enter::Failed, 300);
     let l = w.begin(400).unwrap();
-    let v = w.q.view(&w.heap, 1000);
+    let v = w.q.view(1000);
     assert_eq!(v.held, 2);
     assert_eq!(v.bytes, 14);
     assert_eq!(v.oldest_ms, Some(800));
@@ -454,7 +418,7 @@ fn attempts_while_all_down(subs: usize, window_ms: u64, retry_ms: u64, span_ms: 
     let health: Vec<Health> = (0..subs).map(|_| Health::default()).collect();
     let heap = Heap::default();
     let budget = Budget::new(1 << 20);
-    let q = Queue::<SpinLock>::new(Limits {
+    let q = Q::new(Limits {
         capacity: 100,
         max_age_ms: 0,
         retry_ms,
@@ -464,7 +428,7 @@ fn attempts_while_all_down(subs: usize, window_ms: u64, retry_ms: u64, span_ms: 
     for h in &health {
         h.record(false, START);
     }
-    let p = q.push(heap.alloc(1, START), Enter::Failed, &heap, &budget, START);
+    let p = q.push(heap.alloc(1, START), Enter::Failed, &budget, START);
     assert!(p.evicted.is_empty());
     let mut now = START;
     let mut attempts = 0;
@@ -479,7 +443,7 @@ fn attempts_while_all_down(subs: usize, window_ms: u64, retry_ms: u64, span_ms: 
         if now > START + span_ms {
             return attempts;
         }
-        let b = q.begin(&heap, &budget, now);
+        let b = q.begin(&budget, now);
         assert!(b.expired.is_empty());
         let l = b.lease.unwrap();
         attempts += 1;
@@ -487,7 +451,7 @@ fn attempts_while_all_down(subs: usize, window_ms: u64, retry_ms: u64, span_ms: 
             h.record(false, now);
         }
         assert!(matches!(
-            q.finish(l.token, false, &heap, &budget, now),
+            q.finish(l.token, false, &budget, now),
             Finish::Retry { .. }
         ));
     }
@@ -553,7 +517,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     held: VecDeque<Handle>,
-    lease: Option<Lease>,
+    lease: Option<Lease<Ev>>,
     stale: Vec<u64>,
     delivered: Vec<Handle>,
     closed: bool,
@@ -568,13 +532,9 @@ impl Model {
 
     /// The queue dropped `run` (oldest not in flight first): check it and
     /// forget it.
-    fn dropped(&mut self, run: Run, heap: &Heap, fates: &mut HashMap<Handle, &'static str>) {
+    fn dropped(&mut self, run: VecDeque<Ev>, fates: &mut HashMap<Handle, &'static str>) {
         let expect = self.droppable();
-        let mut got = vec![];
-        run.drain(heap, |h| {
-            got.push(h);
-            heap.free(h);
-        });
+        let got = ids_of(&run);
         assert_eq!(got[..], expect[..got.len()], "not the oldest");
         self.held.retain(|h| !got.contains(h));
         for h in got {
@@ -595,7 +555,7 @@ proptest! {
     ) {
         let heap = Heap::default();
         let budget = Budget::new(limit);
-        let queues: Vec<Queue<StdLock>> =
+        let queues: Vec<Q> =
             caps.iter().map(|&c| Queue::new(limits(c, max_age))).collect();
         let mut models: Vec<Model> = (0..3).map(|_| Model::default()).collect();
         let mut fates: HashMap<Handle, &'static str> = HashMap::new();
@@ -607,9 +567,13 @@ proptest! {
                 Op::Push { q, bytes, behind } => {
                     let m = &mut models[q];
                     let h = heap.alloc(bytes, now);
+                    let h_id = h.id();
                     let enter = if behind { Enter::Behind } else { Enter::Failed };
-                    let p = queues[q].push(h, enter, &heap, &budget, now);
-                    m.dropped(p.evicted, &heap, &mut fates);
+                    let p = queues[q].push(h, enter, &budget, now);
+                    let h = h_id;
+                    prop_assert_eq!(p.back.is_some(), !matches!(p.entry, Entry::Queued { .. }));
+                    drop(p.back);
+                    m.dropped(p.evicted, &mut fates);
                     match p.entry {
                         Entry::Queued { first } => {
                             prop_assert!(!m.closed);
@@ -618,25 +582,23 @@ proptest! {
                             entered += 1;
                         }
                         Entry::Dropped(_) => {
-                            heap.free(h);
                             fates.insert(h, "refused");
                             entered += 1;
                         }
                         Entry::Empty => {
                             prop_assert!(behind && m.held.is_empty() && !m.closed);
-                            heap.free(h);
                         }
                     }
                 }
                 Op::Begin { q } => {
                     let m = &mut models[q];
-                    let b = queues[q].begin(&heap, &budget, now);
-                    m.dropped(b.expired, &heap, &mut fates);
+                    let b = queues[q].begin(&budget, now);
+                    m.dropped(b.expired, &mut fates);
                     match b.lease {
                         Some(l) => {
                             prop_assert!(m.lease.is_none(), "two in flight");
                             prop_assert!(!m.closed);
-                            prop_assert_eq!(Some(&l.handle), m.held.front(), "not the head");
+                            prop_assert_eq!(Some(&l.event.id()), m.held.front(), "not the head");
                             m.lease = Some(l);
                         }
                         None => prop_assert!(m.lease.is_some() || m.held.is_empty() || m.closed),
@@ -646,26 +608,26 @@ proptest! {
                     let m = &mut models[q];
                     if stale {
                         for &t in &m.stale {
-                            let f = queues[q].finish(t, ok, &heap, &budget, now);
+                            let f = queues[q].finish(t, ok, &budget, now);
                             prop_assert_eq!(f, Finish::Stale);
                         }
                         continue;
                     }
                     let Some(l) = m.lease.take() else { continue };
                     m.stale.push(l.token);
-                    match queues[q].finish(l.token, ok, &heap, &budget, now) {
+                    match queues[q].finish(l.token, ok, &budget, now) {
                         Finish::Delivered { free, drained } => {
+                            let free = free.id();
                             prop_assert!(ok);
                             prop_assert_eq!(m.held.pop_front(), Some(free));
                             prop_assert_eq!(drained, m.held.is_empty());
-                            heap.free(free);
                             m.delivered.push(free);
                             prop_assert!(fates.insert(free, "delivered").is_none());
                         }
-                        Finish::Dropped { free, .. } => {
+                        Finish::Dropped { free } => {
+                            let free = free.id();
                             prop_assert!(!ok && m.closed);
                             prop_assert_eq!(m.held.pop_front(), Some(free));
-                            heap.free(free);
                             prop_assert!(fates.insert(free, "dropped").is_none());
                         }
                         Finish::Retry { retry_at_ms } => {
@@ -677,8 +639,8 @@ proptest! {
                 }
                 Op::Advance { ms } => now += ms,
                 Op::Expire { q } => {
-                    let run = queues[q].expire(&heap, &budget, now);
-                    models[q].dropped(run, &heap, &mut fates);
+                    let run = queues[q].expire(&budget, now);
+                    models[q].dropped(run, &mut fates);
                 }
                 Op::Retry { q, all } => {
                     let m = &models[q];
@@ -687,8 +649,8 @@ proptest! {
                 }
                 Op::Close { q } => {
                     let m = &mut models[q];
-                    let c = queues[q].close(Reason::Unsubscribed, &heap, &budget, now);
-                    m.dropped(c.evicted, &heap, &mut fates);
+                    let c = queues[q].close(&budget, now);
+                    m.dropped(c.evicted, &mut fates);
                     m.closed = true;
                     prop_assert_eq!(c.in_flight, m.lease.is_some());
                     prop_assert_eq!(m.held.len(), usize::from(m.lease.is_some()));
@@ -700,7 +662,7 @@ proptest! {
             let mut bytes = 0;
             let mut held = 0;
             for (q, m) in queues.iter().zip(&models) {
-                let v = q.view(&heap, now);
+                let v = q.view(now);
                 prop_assert_eq!(v.held as usize, m.held.len());
                 prop_assert!(v.held <= q.limits().capacity);
                 prop_assert_eq!(v.spooled, v.replayed + v.dropped_total() + u64::from(v.held));
@@ -714,13 +676,12 @@ proptest! {
 
         // shut down: every queue closed, every lease settled
         for (q, m) in queues.iter().zip(models.iter_mut()) {
-            let c = q.close(Reason::Shutdown, &heap, &budget, now);
-            m.dropped(c.evicted, &heap, &mut fates);
+            let c = q.close(&budget, now);
+            m.dropped(c.evicted, &mut fates);
             if let Some(l) = m.lease.take() {
-                match q.finish(l.token, false, &heap, &budget, now) {
-                    Finish::Dropped { free, .. } => {
-                        heap.free(free);
-                        prop_assert!(fates.insert(free, "dropped").is_none());
+                match q.finish(l.token, false, &budget, now) {
+                    Finish::Dropped { free } => {
+                        prop_assert!(fates.insert(free.id(), "dropped").is_none());
                     }
                     f => prop_assert!(false, "{:?}", f),
                 }
@@ -733,7 +694,7 @@ proptest! {
         prop_assert_eq!(fates.len() as u64, entered, "an event with no fate");
         let (mut spooled, mut settled) = (0, 0);
         for q in &queues {
-            let v = q.view(&heap, now);
+            let v = q.view(now);
             spooled += v.spooled;
             settled += v.replayed + v.dropped_total();
         }
@@ -775,7 +736,7 @@ proptest! {
 fn producers_and_a_replayer_agree_under_the_spinlock() {
     let heap = Heap::default();
     let budget = Budget::new(600);
-    let q = Queue::<SpinLock>::new(limits(50, 0));
+    let q = Q::new(limits(50, 0));
     let producers = 3u64;
     let per = 3000u64;
     // the producer and its sequence number, by handle
@@ -790,13 +751,9 @@ fn producers_and_a_replayer_agree_under_the_spinlock() {
             s.spawn(move || {
                 for i in 0..per {
                     let h = heap.alloc(5, i);
-                    tags.lock().unwrap().insert(h.get(), (p, i));
-                    let r = q.push(h, Enter::Failed, heap, budget, i);
-                    r.evicted.drain(heap, |x| heap.free(x));
+                    tags.lock().unwrap().insert(h.id(), (p, i));
+                    let r = q.push(h, Enter::Failed, budget, i);
                     dropped.fetch_add(r.dropped(), Relaxed);
-                    if !matches!(r.entry, Entry::Queued { .. }) {
-                        heap.free(h);
-                    }
                 }
                 done.fetch_add(1, Relaxed);
             });
@@ -804,7 +761,7 @@ fn producers_and_a_replayer_agree_under_the_spinlock() {
         s.spawn(|| {
             let mut n = 0u64;
             loop {
-                let b = q.begin(&heap, &budget, 0);
+                let b = q.begin(&budget, 0);
                 assert!(b.expired.is_empty());
                 let Some(l) = b.lease else {
                     if done.load(Relaxed) == producers && q.held() == 0 {
@@ -814,11 +771,10 @@ fn producers_and_a_replayer_agree_under_the_spinlock() {
                     continue;
                 };
                 n += 1;
-                match q.finish(l.token, !n.is_multiple_of(3), &heap, &budget, 0) {
+                match q.finish(l.token, !n.is_multiple_of(3), &budget, 0) {
                     Finish::Delivered { free, .. } => {
-                        let tag = tags.lock().unwrap()[&free.get()];
+                        let tag = tags.lock().unwrap()[&free.id()];
                         delivered.lock().unwrap().push(tag);
-                        heap.free(free);
                     }
                     Finish::Retry { .. } => {}
                     f => panic!("{f:?}"),
@@ -827,7 +783,7 @@ fn producers_and_a_replayer_agree_under_the_spinlock() {
         });
     });
     let delivered = delivered.into_inner().unwrap();
-    let v = q.view(&heap, 0);
+    let v = q.view(0);
     assert_eq!(v.spooled, producers * per);
     assert_eq!(v.replayed, delivered.len() as u64);
     assert_eq!(v.dropped_total(), dropped.load(Relaxed));
@@ -895,15 +851,16 @@ struct Side {
     ids: HashMap<Handle, u64>,
     /// Asynchronous transports: attempts wait here for their report.
     asynchronous: bool,
-    pending: Vec<(usize, Lease, bool)>,
+    pending: Vec<(usize, Lease<Ev>, bool)>,
     drained: u32,
     episodes: Vec<Report>,
+    attempts: u64,
 }
 
 /// One virtual socket with its queues, and the raise path and the replay
 /// process around them, in simulated time.
 struct Socket {
-    queues: Vec<Queue<SpinLock>>,
+    queues: Vec<Q>,
     budget: Budget,
     s: Side,
     next_id: u64,
@@ -935,6 +892,7 @@ impl Socket {
                 pending: vec![],
                 drained: 0,
                 episodes: vec![],
+                attempts: 0,
             },
         }
     }
@@ -943,14 +901,8 @@ impl Socket {
     fn hold(&mut self, q: usize, id: u64, enter: Enter) -> Entry {
         let s = &mut self.s;
         let h = s.heap.alloc(1, s.now);
-        let p = self.queues[q].push(h, enter, &s.heap, &self.budget, s.now);
-        p.evicted.drain(&s.heap, |x| s.heap.free(x));
-        if matches!(p.entry, Entry::Queued { .. }) {
-            s.ids.insert(h, id);
-        } else {
-            s.heap.free(h);
-        }
-        p.entry
+        s.ids.insert(h.id(), id);
+        self.queues[q].push(h, enter, &self.budget, s.now).entry
     }
 
     /// The raise path for one synchronous event, as the FFI layer will do
@@ -1008,28 +960,29 @@ impl Socket {
             let now = self.s.now;
             // reports of asynchronous attempts come between rounds
             for (q, l, ok) in std::mem::take(&mut self.s.pending) {
-                match self.queues[q].finish(l.token, ok, &self.s.heap, &self.budget, now) {
-                    Finish::Delivered { free, drained } => {
-                        self.s.heap.free(free);
+                match self.queues[q].finish(l.token, ok, &self.budget, now) {
+                    Finish::Delivered { drained, .. } => {
                         self.s.drained += u32::from(drained);
                     }
                     Finish::Retry { .. } => {}
                     f => panic!("{f:?}"),
                 }
             }
-            let refs: Vec<&Queue<SpinLock>> = self.queues.iter().collect();
+            let refs: Vec<&Q> = self.queues.iter().collect();
+            let before = self.s.attempts;
             let t = round(&refs, &self.budget, &mut self.s, now, 16);
-            busy += u64::from(t.attempts > 0);
+            let attempts = self.s.attempts - before;
+            busy += u64::from(attempts > 0);
             if !self.s.pending.is_empty() {
                 self.s.now += 10; // a report takes 10 ms
                 continue;
             }
             let next = t.next_ms.unwrap_or(now + 1000);
             assert!(
-                next > now || t.attempts > 0,
+                next > now || attempts > 0,
                 "an idle round asks to run again at once ({now})"
             );
-            self.s.now = next.max(now + u64::from(t.attempts == 0));
+            self.s.now = next.max(now + u64::from(attempts == 0));
         }
         busy
     }
@@ -1049,18 +1002,15 @@ impl Side {
     }
 }
 
-impl Replayer for Side {
-    type Nodes = Heap;
-    fn nodes(&self) -> &Heap {
-        &self.heap
-    }
-    fn attempt(&mut self, q: usize, lease: &Lease) -> Attempted {
-        let id = self.ids[&lease.handle];
+impl Replayer<VecDeque<Ev>> for Side {
+    fn attempt(&mut self, q: usize, lease: &Lease<Ev>) -> Attempted {
+        let id = self.ids[&lease.event.id()];
+        self.attempts += 1;
         self.rx.current = id;
         if self.asynchronous {
             // the transport's report comes later, with the outcome
             let ok = self.take(q, id);
-            self.pending.push((q, *lease, ok));
+            self.pending.push((q, lease.clone(), ok));
             return Attempted::Pending;
         }
         let ok = if self.policy == Policy::Parallel {
@@ -1087,10 +1037,6 @@ impl Replayer for Side {
         } else {
             Attempted::Failed
         }
-    }
-    fn free(&mut self, h: Handle) {
-        self.ids.remove(&h);
-        self.heap.free(h);
     }
     fn eligible_at(&self, q: usize, now_ms: u64) -> u64 {
         let state = |i: usize| self.health[i].0.state(now_ms, self.window_ms);
@@ -1139,7 +1085,7 @@ fn failover_both_down_200_events_then_one_back_gets_all_in_order_once() {
         k.raise();
     }
     assert_eq!(k.s.rx.got[1], ids(1..=205));
-    let v = k.queues[0].view(&k.s.heap, k.s.now);
+    let v = k.queues[0].view(k.s.now);
     assert_eq!((v.spooled, v.replayed, v.dropped_total()), (200, 200, 0));
     assert_eq!(k.s.heap.live(), 0);
 }
@@ -1163,7 +1109,7 @@ fn events_raised_while_draining_go_behind() {
     // exactly once each, and in the order raised: the live events raised
     // while the queue held some went behind them, not past them
     assert_eq!(k.s.rx.log, ids(1..=100));
-    let v = k.queues[0].view(&k.s.heap, k.s.now);
+    let v = k.queues[0].view(k.s.now);
     assert_eq!((v.replayed, v.dropped_total()), (v.spooled, 0));
     assert!(v.spooled > 50, "some live events went behind: {v:?}");
     // the rotation still deals them out evenly
@@ -1204,12 +1150,12 @@ fn overflow_keeps_the_newest_n() {
     k.s.rx.up[0] = true;
     k.replay(k.s.now + 2000);
     assert_eq!(k.s.rx.got[0], ids(u64::from(2 * n + 1)..=u64::from(3 * n)));
-    let v = k.queues[0].view(&k.s.heap, k.s.now);
+    let v = k.queues[0].view(k.s.now);
     assert_eq!(v.dropped[Reason::Overflow as usize], u64::from(2 * n));
     // logged once, with the count, once the drops have stopped
     k.replay(k.s.now + episode::QUIET_MS + 2000);
     assert_eq!(k.s.episodes.len(), 1);
-    let refs: Vec<&Queue<SpinLock>> = k.queues.iter().collect();
+    let refs: Vec<&Q> = k.queues.iter().collect();
     let t = round(&refs, &k.budget, &mut k.s, 1 << 40, 16);
     assert!(!t.episodes_open && t.next_ms.is_none());
     assert_eq!(k.s.episodes[0].total(), u64::from(2 * n));
@@ -1237,9 +1183,9 @@ fn asynchronous_replay_keeps_one_in_flight_and_the_order() {
 fn sizes_in_shared_memory() {
     // what a spool adds to a virtual socket's block, per queue, and to the
     // module's block; kept small since PARALLEL has one queue per subscriber
-    let q = std::mem::size_of::<Queue>();
+    let q = std::mem::size_of::<Q>();
     assert!(q <= 256, "a queue is {q} bytes");
-    assert_eq!(std::mem::align_of::<Queue>(), 8);
+    assert_eq!(std::mem::align_of::<Q>(), 8);
     assert!(std::mem::size_of::<Budget>() + std::mem::size_of::<Doorbell>() <= 64);
     println!("Queue: {q} bytes");
 }
@@ -1255,7 +1201,7 @@ fn unsubscribing_under_load_with_reports_in_flight() {
 
     let heap = Heap::default();
     let budget = Budget::new(10_000);
-    let q = Queue::<SpinLock>::new(limits(100, 0));
+    let q = Q::new(limits(100, 0));
     let closed = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<u64>();
@@ -1265,15 +1211,12 @@ fn unsubscribing_under_load_with_reports_in_flight() {
             s.spawn(move || {
                 for i in 0..4000u64 {
                     let h = heap.alloc(1 + (i + p) % 9, i);
-                    let r = q.push(h, Enter::Failed, heap, budget, i);
-                    r.evicted.drain(heap, |x| heap.free(x));
-                    match r.entry {
+                    match q.push(h, Enter::Failed, budget, i).entry {
                         Entry::Queued { .. } => {}
                         Entry::Dropped(reason) => {
                             if reason == Reason::Unsubscribed {
                                 assert!(closed.load(Relaxed));
                             }
-                            heap.free(h);
                         }
                         Entry::Empty => unreachable!(),
                     }
@@ -1283,7 +1226,7 @@ fn unsubscribing_under_load_with_reports_in_flight() {
         // the replayer leases, the reporter settles
         s.spawn(|| {
             while !stop.load(Relaxed) {
-                let b = q.begin(&heap, &budget, 0);
+                let b = q.begin(&budget, 0);
                 assert!(b.expired.is_empty());
                 match b.lease {
                     Some(l) => tx.send(l.token).unwrap(),
@@ -1296,11 +1239,8 @@ fn unsubscribing_under_load_with_reports_in_flight() {
             let mut n = 0u64;
             for token in rx {
                 n += 1;
-                match q.finish(token, n % 4 != 1, &heap, &budget, 0) {
-                    Finish::Delivered { free, .. } | Finish::Dropped { free, .. } => {
-                        heap.free(free)
-                    }
-                    Finish::Retry { .. } => {}
+                match q.finish(token, n % 4 != 1, &budget, 0) {
+                    Finish::Delivered { .. } | Finish::Dropped { .. } | Finish::Retry { .. } => {}
                     Finish::Stale => panic!("a lease settled twice"),
                 }
             }
@@ -1308,18 +1248,16 @@ fn unsubscribing_under_load_with_reports_in_flight() {
         s.spawn(|| {
             std::thread::sleep(std::time::Duration::from_millis(20));
             closed.store(true, Relaxed);
-            let c = q.close(Reason::Unsubscribed, &heap, &budget, 0);
-            c.evicted.drain(&heap, |h| heap.free(h));
+            drop(q.close(&budget, 0));
             // let the producers finish, then the replayer
             std::thread::sleep(std::time::Duration::from_millis(50));
             stop.store(true, Relaxed);
         });
     });
     // the producers may have outlived the sleep: settle whatever is left
-    let c = q.close(Reason::Unsubscribed, &heap, &budget, 0);
-    c.evicted.drain(&heap, |h| heap.free(h));
+    let c = q.close(&budget, 0);
     assert!(!c.in_flight, "the reporter settled every lease");
-    let v = q.view(&heap, 0);
+    let v = q.view(0);
     assert_eq!(v.held, 0);
     assert_eq!(v.spooled, 12_000);
     assert_eq!(v.spooled, v.replayed + v.dropped_total());
