@@ -47,5 +47,5 @@ pub extern "C" fn evv_rs_destroy() {
 #[cfg(all(opensips, not(test)))]
 #[unsafe(no_mangle)]
 pub extern "C" fn evv_rs_spool_proc() {
-    opensips::entry("spool process", (), || module::spool::run())
+    opensips::entry("spool process", (), || module::replay::run())
 }

@@ -128,6 +128,10 @@ fn the_counter_sees_allocations() {
 struct Ev(u64);
 
 impl Held for Ev {
+    type Event = Ev;
+    fn event(&self) -> Ev {
+        *self
+    }
     fn meta(&self) -> Meta {
         Meta {
             bytes: 100,

@@ -4,18 +4,20 @@
 #![forbid(unsafe_code)]
 
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::hooks::Virtual;
 use super::mi_list::{HashByIndex, HashBySocket, ListAll, ListEvent, Retry};
+use super::shared::{
+    self, DELIVERED, DROPPED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, REPLAYED, SPOOLED, UNKEYED,
+};
 use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
+use crate::opensips::{shm_total, spool};
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, Gauge, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stat, Stats,
+    Commands, Exports, Gauge, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stats,
     Table, gauge_export, spool_params,
 };
-use crate::policy::Rules;
 use crate::socket::VIRTUAL_PROTO;
 
 /// `failover_timeout` when the configuration does not set it, in seconds.
@@ -34,21 +36,11 @@ static PARAMS: Params<6> = Table([
     PARAMS_END,
 ]);
 
-pub static EVENTS: Stat = Stat::unregistered();
-pub static DELIVERED: Stat = Stat::unregistered();
-pub static FAILED: Stat = Stat::unregistered();
-pub static INCOMPLETE: Stat = Stat::unregistered();
-pub static FAILOVERS: Stat = Stat::unregistered();
-pub static UNKEYED: Stat = Stat::unregistered();
-pub static SPOOLED: Stat = Stat::unregistered();
-pub static REPLAYED: Stat = Stat::unregistered();
-pub static DROPPED: Stat = Stat::unregistered();
-
 /// `spool_held`: events held now, in every queue.
 struct SpoolHeld;
 impl Gauge for SpoolHeld {
     fn value() -> u64 {
-        super::spool::shared().map_or(0, |s| s.budget.held())
+        shared::spool().map_or(0, |s| s.budget.held())
     }
 }
 
@@ -56,7 +48,7 @@ impl Gauge for SpoolHeld {
 struct SpoolMemory;
 impl Gauge for SpoolMemory {
     fn value() -> u64 {
-        super::spool::shared().map_or(0, |s| s.budget.used())
+        shared::spool().map_or(0, |s| s.budget.used())
     }
 }
 
@@ -114,16 +106,6 @@ pub static TRANSPORT: TransportExport =
 /// What `exports` (in `lib.rs`) holds.
 pub const EXPORTS: Exports = Exports::new(c"event_virtual", &PARAMS, &STATS, &MI_COMMANDS);
 
-/// `failover_timeout` in ms.  Set in mod_init, before OpenSIPS forks, and
-/// only read afterwards: every process has the same value.
-static WINDOW_MS: AtomicU64 = AtomicU64::new(0);
-
-pub fn rules() -> Rules {
-    Rules {
-        window_ms: WINDOW_MS.load(Ordering::Relaxed),
-    }
-}
-
 /// mod_init, after the shim's log line: 0 on success.
 pub fn init() -> c_int {
     crate::opensips::log_panics();
@@ -135,8 +117,11 @@ pub fn init() -> c_int {
         );
         return -1;
     };
-    WINDOW_MS.store(seconds * 1000, Ordering::Relaxed);
-    if let Err(e) = super::spool::init() {
+    shared::set_window_ms(seconds * 1000);
+    let spool = spool::modparams()
+        .check(shm_total())
+        .and_then(|config| Ok(shared::make_spool(config)?));
+    if let Err(e) = spool {
         log!(ERR, "{e}");
         return -1;
     }

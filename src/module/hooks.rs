@@ -5,7 +5,7 @@
 
 use std::ptr::null_mut;
 
-use super::raise;
+use super::deliver;
 use super::vsock::SockRef;
 use crate::opensips::event::Event;
 use crate::opensips::evi::{CoreSock, Hooks};
@@ -63,7 +63,7 @@ impl Hooks for Virtual {
 
     fn raise(event: Event<'_>, sock: CoreSock<'_>) -> bool {
         match SockRef::of(sock) {
-            Some(sock) => raise::raise(event, sock),
+            Some(sock) => deliver::raise(event, sock),
             None => {
                 log!(ERR, "raise on a socket that is not virtual");
                 false

@@ -4,14 +4,14 @@
 
 #![forbid(unsafe_code)]
 
-use super::exports::{self, TRANSPORT};
-use super::vsock::SockRef;
+use super::held::Queue;
+use super::shared::rules;
+use super::vsock::{self, SockRef};
 use crate::opensips::mi::{Full, Handler, Item, Params, Response};
 use crate::opensips::now_ms;
-use crate::opensips::spool::HeldNodes;
 use crate::policy::{self, State};
 use crate::socket::{self, Policy};
-use crate::spool::{Queue, Reason, wake};
+use crate::spool::{Reason, wake};
 use std::sync::atomic::Ordering;
 
 /// Every subscription's event, socket and expire time, copied out while
@@ -39,7 +39,7 @@ fn render_state(so: &Item, state: State, wall_ms: u64) -> Result<(), Full> {
 }
 
 fn render(root: &Item, list: &Listed) -> Result<(), Full> {
-    let (now, window, wall_ms) = (now_ms(), exports::rules().window_ms, wall_ms());
+    let (now, window, wall_ms) = (now_ms(), rules().window_ms, wall_ms());
     let subscriptions = root.array("Subscriptions")?;
     for (event, sock, expire) in list {
         let o = subscriptions.element()?;
@@ -90,7 +90,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
 /// `eligible_at`: when a subscriber that could take the head is out of its
 /// failover window.
 fn spool_view(o: &Item, q: &Queue, now: u64, eligible_at: u64) -> Result<(), Full> {
-    let v = q.view(&HeldNodes, now);
+    let v = q.view(now);
     let s = o.object("Spool")?;
     s.number("held", v.held.into())?;
     s.number("bytes", v.bytes as f64)?;
@@ -125,10 +125,8 @@ fn spool_view(o: &Item, q: &Queue, now: u64, eligible_at: u64) -> Result<(), Ful
 /// response when that event does not exist.
 fn collect(filter: Option<&[u8]>) -> Result<Listed, Response> {
     let mut list = Vec::new();
-    let walked = TRANSPORT.walk_subscriptions(filter, |event, sock, expire| {
-        if let Some(sock) = SockRef::of(sock) {
-            list.push((event.to_vec(), sock, expire));
-        }
+    let walked = vsock::walk(filter, |event, sock, expire| {
+        list.push((event.to_vec(), sock, expire))
     });
     if walked.is_err() {
         let event = socket::quote(filter.unwrap_or_default());
@@ -199,7 +197,7 @@ fn hash(params: Params<'_>, pick: Option<Pick<'_>>) -> Response {
         let text = socket::quote(sock.text());
         return Response::error(400, &format!("'virtual:{text}' is not a HASH subscription"));
     };
-    let (now, window, wall_ms) = (now_ms(), exports::rules().window_ms, wall_ms());
+    let (now, window, wall_ms) = (now_ms(), rules().window_ms, wall_ms());
     let subs = sock.subs();
     let digest = policy::digest(value);
     let seeds: Vec<u64> = subs.iter().map(|s| s.health.seed()).collect();
@@ -271,7 +269,7 @@ impl Handler for Retry {
                 return Response::error(400, &format!("bad mode '{m}' (expected all or one)"));
             }
         };
-        match super::spool::retry(event, all) {
+        match super::replay::retry(event, all) {
             Ok(n) => Response::result(|root| root.number("queues", n as f64))
                 .unwrap_or_else(|Full| Response::error(500, "out of memory")),
             Err(()) => {

@@ -1,18 +1,24 @@
 //! The virtual transport, built on the safe wrappers of `crate::opensips`
-//! and the pure rules of `crate::socket` and `crate::policy`.
+//! and the pure rules of `crate::socket`, `crate::policy` and
+//! `crate::spool`.  Each file uses only those listed before it:
 //!
-//! - `exports`: the module's declaration and its initialisation;
+//! - `shared`: what every process shares: statistics, rules, the spool's block;
+//! - `held`: a held event and the spool queue's storage;
 //! - `vsock`: the virtual socket in shared memory and its references;
+//! - `spool`: holding events in a socket's queues;
+//! - `deliver`: one event offered to the subscribers, its asynchronous
+//!   chains and its accounting;
+//! - `replay`: the spool's replay process and MI retry;
 //! - `hooks`: the five transport hooks the core calls;
-//! - `raise`: one event offered to the subscribers, and its accounting;
-//! - `chain`: events waiting for an asynchronous transport's report;
-//! - `mi_list`: MI `event_virtual_list`;
-//! - `spool`: held events, their replay process, MI `event_virtual_retry`.
+//! - `mi_list`: MI `event_virtual_list`, `event_virtual_hash`, `event_virtual_retry`;
+//! - `exports`: the module's declaration and its initialisation.
 
-pub mod chain;
+pub mod deliver;
 pub mod exports;
+pub mod held;
 pub mod hooks;
 pub mod mi_list;
-pub mod raise;
+pub mod replay;
+pub mod shared;
 pub mod spool;
 pub mod vsock;

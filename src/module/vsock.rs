@@ -8,8 +8,7 @@
 //!
 //! `q` is 0 without a spool; with one (issue 10) it is one queue for the
 //! socket (FAILOVER, ROUND-ROBIN), or one per subscriber (PARALLEL, queue
-//! `i` is subscriber `i`'s).  The queues are atomics only, and live and
-//! die with the block.
+//! `i` is subscriber `i`'s).  The queues live and die with the block.
 //!
 //! The `evi_reply_sock` the core holds is the first field of `VSock`, so the
 //! pointer the core hands back is the block itself, and `params` points at
@@ -35,8 +34,10 @@ use crate::opensips::shm::{ShmRc, Tail, tail_offset};
 use crate::opensips::str::{self, str_};
 use crate::opensips::transport::{SubSocket, Transport};
 use crate::policy::{self, Health};
-use crate::socket::{self, ParseError, Policy, Transports};
-use crate::spool::{Queue, SpoolOption};
+use crate::socket::{self, ParseError, Policy, Transports, VIRTUAL_PROTO};
+use crate::spool::SpoolOption;
+
+use super::held::Queue;
 
 pub struct VSock {
     /// What the core holds; it writes flags, expire and subscription time
@@ -81,8 +82,12 @@ impl Tail for VSock {
         // SAFETY: open placed n Subs at the head of the payload; the block
         // is going, so they are dropped (their sub-sockets released) once.
         unsafe { ptr::drop_in_place(subs) }
-        // the queues are atomics with nothing to drop; whatever they still
-        // hold was given back by close (unsubscribe) and finish
+        // close (unsubscribe) and finish emptied the queues; a queue that
+        // still held events would free them here
+        let queues = tail.as_ptr().wrapping_add(self.n as usize * size_of::<Sub>());
+        let queues = ptr::slice_from_raw_parts_mut(queues.cast::<Queue>(), self.q as usize);
+        // SAFETY: open placed q Queues after the Subs, dropped once, here.
+        unsafe { ptr::drop_in_place(queues) }
     }
 }
 
@@ -116,7 +121,7 @@ impl SockRef {
         let parsed = socket::parse(input)?;
         let subs = socket::open_subscribers(&mut CoreTransports, &parsed)?;
         let subs_len = subs.len() * size_of::<Sub>();
-        let limits = super::spool::limits(parsed.spool);
+        let limits = super::shared::limits(parsed.spool);
         let q = limits.map_or(0, |_| parsed.policy.spool_queues(subs.len()));
         let queues_len = q * size_of::<Queue>();
         let text_len = socket::printed_len(&parsed);
@@ -251,4 +256,19 @@ impl Deref for SockRef {
     fn deref(&self) -> &VSock {
         &self.0
     }
+}
+
+/// Calls `visit` for every live virtual subscription, of every event or
+/// of the one named by `filter` (Err when there is no such event), with
+/// the event's name, a reference on the socket and its expire time.
+pub fn walk(
+    filter: Option<&[u8]>,
+    mut visit: impl FnMut(&[u8], SockRef, Option<u32>),
+) -> Result<(), ()> {
+    let ours = Transport::lookup(VIRTUAL_PROTO).ok_or(())?;
+    ours.walk_subscriptions(filter, |event, sock, expire| {
+        if let Some(s) = SockRef::of(sock) {
+            visit(event, s, expire)
+        }
+    })
 }

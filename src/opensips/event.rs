@@ -5,7 +5,7 @@ use std::ffi::c_int;
 use std::marker::PhantomData;
 use std::ptr::null_mut;
 
-use super::shm::{ShmRc, Tail};
+use super::shm::{ShmRc, Tail, tail_offset};
 use super::str::{self, str_};
 use super::sys::{self, evi_params_t, sip_msg};
 
@@ -20,9 +20,6 @@ impl Msg {
         Msg(null_mut())
     }
 
-    pub(super) fn raw(self) -> *mut sip_msg {
-        self.0
-    }
 }
 
 /// The core's dummy SIP message, for raises that no SIP message is
@@ -135,7 +132,9 @@ pub enum ParamValue<'a> {
     Int(i32),
 }
 
-/// The name and parameters of an event, copied into shared memory.
+/// The name and parameters of an event, copied into shared memory: what
+/// an asynchronous attempt carries, and what the spool holds and replays.
+/// Clones share the copy.
 #[derive(Clone)]
 pub struct EventCopy(ShmRc<Copied>);
 
@@ -143,6 +142,10 @@ struct Copied {
     /// Points at the name's bytes, the block's payload.
     name: str_,
     params: *mut evi_params_t,
+    /// When the copy was made, ms on the shared clock.
+    born_ms: u64,
+    /// The size of the parameters' block.
+    params_size: usize,
 }
 
 impl Tail for Copied {}
@@ -160,6 +163,8 @@ impl EventCopy {
     /// None when out of shared memory.
     pub fn new(event: &Event<'_>) -> Option<EventCopy> {
         let name = event.name();
+        // SAFETY: the event's parameters are null or valid for its life.
+        let params_size = unsafe { sys::evv_params_size(event.params) };
         let params = if event.params.is_null() {
             null_mut()
         } else {
@@ -173,10 +178,23 @@ impl EventCopy {
         let head = Copied {
             name: str::EMPTY,
             params,
+            born_ms: super::now_ms(),
+            params_size,
         };
         let mut copy = ShmRc::new(head, name.len(), |t| t.copy_from_slice(name))?;
         let (head, tail) = copy.get_mut()?;
         head.name = str::of(tail)?;
         Some(EventCopy(copy))
+    }
+
+    /// When it was copied, ms on the shared clock.
+    pub fn born_ms(&self) -> u64 {
+        self.0.born_ms
+    }
+
+    /// The sizes of its shared-memory blocks: the copy with the name, and
+    /// the parameters (0 without).
+    pub fn blocks(&self) -> [usize; 2] {
+        [tail_offset::<Copied>() + self.0.tail_len(), self.0.params_size]
     }
 }

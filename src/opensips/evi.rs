@@ -84,39 +84,11 @@ impl TransportExport {
         // SAFETY: the export lives as long as the module.
         unsafe { sys::register_event_mod(&self.0) == 0 }
     }
-
-    /// Calls `visit` for every live subscription through this transport, of
-    /// every event or of the one named by `filter`, with the event's name,
-    /// the socket and, when it expires, its expire time, while that event's
-    /// subscriber list is locked: visit must only copy.  Err when `filter`
-    /// names no event.
-    pub fn walk_subscriptions(
-        &'static self,
-        filter: Option<&[u8]>,
-        mut visit: impl FnMut(&[u8], CoreSock<'_>, Option<u32>),
-    ) -> Result<(), ()> {
-        let mut visit: Visitor<'_> = &mut visit;
-        let name = match filter {
-            Some(f) => Some(str::of(f).ok_or(())?),
-            None => None,
-        };
-        let name_ptr = name.as_ref().map_or(std::ptr::null(), |n| n as *const str_);
-        // SAFETY: the visitor gets our closure back, during the call only.
-        let rc = unsafe {
-            sys::evv_walk_subscriptions(
-                name_ptr,
-                &self.0,
-                Some(visit_one),
-                (&raw mut visit).cast::<c_void>(),
-            )
-        };
-        if rc < 0 { Err(()) } else { Ok(()) }
-    }
 }
 
-type Visitor<'v> = &'v mut dyn FnMut(&[u8], CoreSock<'_>, Option<u32>);
+pub(super) type Visitor<'v> = &'v mut dyn FnMut(&[u8], CoreSock<'_>, Option<u32>);
 
-unsafe extern "C" fn visit_one(arg: *mut c_void, event: *const str_, sock: *mut evi_reply_sock) {
+pub(super) unsafe extern "C" fn visit_one(arg: *mut c_void, event: *const str_, sock: *mut evi_reply_sock) {
     entry("subscription walk", (), || {
         // SAFETY: arg is walk_subscriptions' visitor; event and sock are the
         // core's, valid and locked for this call.

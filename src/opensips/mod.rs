@@ -23,6 +23,7 @@ mod sys {
 
 pub mod event;
 pub mod evi;
+pub mod futex;
 pub mod log;
 pub mod mi;
 pub mod module;
@@ -46,6 +47,12 @@ pub fn now_ms() -> u64 {
     // SAFETY: ts is a valid timespec to write into.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// The size of OpenSIPS's shared memory, bytes.
+pub fn shm_total() -> u64 {
+    // SAFETY: reads the core's shm_mem_size, set at start-up.
+    unsafe { sys::evv_shm_total() as u64 }
 }
 
 /// Run the body of an entry point the core calls; a panic is logged and

@@ -7,6 +7,7 @@
 //! forks after the blocks' memory is mapped, so a pointer into a block is
 //! good in every process.
 
+use std::cell::UnsafeCell;
 use std::mem::{ManuallyDrop, size_of};
 use std::ops::Deref;
 use std::ptr::{self, NonNull};
@@ -186,5 +187,141 @@ impl<T: Tail> Drop for ShmRc<T> {
                 free(self.0)
             }
         }
+    }
+}
+
+/// `value` in a block of its own that is never freed; made in mod_init,
+/// before the fork, so every process sees it at the same address.
+pub fn leak<T: Tail + Sync>(value: T) -> Option<&'static T> {
+    let p = ShmRc::single(value)?.into_raw();
+    // SAFETY: the reference is never given back, so the block lives for
+    // the server's life; T is Sync, and shared memory is mapped the same in
+    // every process.
+    Some(unsafe { &*p })
+}
+
+/// One value in a block of its own, owned by one holder at a time (not
+/// `Clone`), so that a [`ShmList`] may link it.
+pub struct ShmNode<T: Tail>(ShmRc<Node<T>>);
+
+pub struct Node<T: Tail> {
+    value: T,
+    /// The node after this one, while in a list: written only by the list
+    /// that owns the node.
+    next: UnsafeCell<Option<ShmNode<T>>>,
+}
+
+impl<T: Tail> Tail for Node<T> {}
+
+impl<T: Tail> ShmNode<T> {
+    /// The size of a node's block.
+    pub const SIZE: usize = tail_offset::<Node<T>>();
+
+    /// None when out of shared memory.
+    pub fn new(value: T) -> Option<Self> {
+        ShmRc::single(Node {
+            value,
+            next: UnsafeCell::new(None),
+        })
+        .map(ShmNode)
+    }
+
+    fn next(&self) -> *mut Option<ShmNode<T>> {
+        self.0.next.get()
+    }
+}
+
+impl<T: Tail> Deref for ShmNode<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0.value
+    }
+}
+
+/// A FIFO of nodes in shared memory, each linked to the next: it owns its
+/// first node, each node the next, and it points at the last.  Changed
+/// through `&mut` only (the spool keeps it behind its lock); nodes are
+/// made before, and freed after, outside that lock.
+pub struct ShmList<T: Tail> {
+    head: Option<ShmNode<T>>,
+    tail: *const Node<T>,
+    len: usize,
+}
+
+impl<T: Tail> Default for ShmList<T> {
+    fn default() -> Self {
+        ShmList {
+            head: None,
+            tail: ptr::null(),
+            len: 0,
+        }
+    }
+}
+
+impl<T: Tail> ShmList<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn push_back(&mut self, node: ShmNode<T>) {
+        let at: *const Node<T> = &*node.0;
+        match self.head {
+            None => self.head = Some(node),
+            // SAFETY: tail is the last node of this list, owned through
+            // the chain from head, and reached by nobody else (a ShmNode
+            // has one owner); &mut self excludes every other access.
+            Some(_) => unsafe { *(*self.tail).next.get() = Some(node) },
+        }
+        self.tail = at;
+        self.len += 1;
+    }
+
+    /// The node at 0 (the first) or 1.
+    pub fn get(&self, at: usize) -> Option<&ShmNode<T>> {
+        let head = self.head.as_ref()?;
+        match at {
+            0 => Some(head),
+            // SAFETY: links change only through &mut self.
+            1 => unsafe { (*head.next()).as_ref() },
+            _ => None,
+        }
+    }
+
+    /// Take out the node at 0 or 1.
+    pub fn remove(&mut self, at: usize) -> Option<ShmNode<T>> {
+        let head = self.head.as_mut()?;
+        // SAFETY: links change only here, through &mut self; a node taken
+        // out leaves with no link.
+        let taken = unsafe {
+            match at {
+                0 => {
+                    let next = (*head.next()).take();
+                    std::mem::replace(&mut self.head, next)
+                }
+                1 => {
+                    let second = (*head.next()).take()?;
+                    *head.next() = (*second.next()).take();
+                    Some(second)
+                }
+                _ => None,
+            }
+        }?;
+        self.len -= 1;
+        if std::ptr::eq(self.tail, &*taken.0) {
+            self.tail = self.head.as_ref().map_or(ptr::null(), |h| {
+                // the one left, or none: after removing at 1, the head
+                // is the last
+                &*h.0 as *const Node<T>
+            });
+        }
+        Some(taken)
+    }
+}
+
+impl<T: Tail> Drop for ShmList<T> {
+    fn drop(&mut self) {
+        // one node at a time: dropping the head would drop the chain
+        // recursively
+        while self.remove(0).is_some() {}
     }
 }

@@ -6,9 +6,10 @@ use std::ffi::{c_int, c_void};
 use std::ptr::{NonNull, null_mut};
 
 use super::entry;
+use super::evi::{CoreSock, Visitor, visit_one};
 use super::event::Event;
 use super::shm::{ShmRc, Tail};
-use super::str;
+use super::str::{self, str_};
 use super::sys::{self, evi_async_ctx_t, evi_export_t, evi_reply_sock};
 
 /// A transport registered with the core; it lives as long as the server.
@@ -21,6 +22,34 @@ impl Transport {
         // SAFETY: name is valid for its length; the core only reads it and
         // returns a registered transport or null.
         unsafe { sys::get_trans_mod(&mut name).as_ref() }.map(Transport)
+    }
+
+    /// Calls `visit` for every live subscription through this transport, of
+    /// every event or of the one named by `filter`, with the event's name,
+    /// the socket and, when it expires, its expire time, while that event's
+    /// subscriber list is locked: visit must only copy.  Err when `filter`
+    /// names no event.
+    pub fn walk_subscriptions(
+        self,
+        filter: Option<&[u8]>,
+        mut visit: impl FnMut(&[u8], CoreSock<'_>, Option<u32>),
+    ) -> Result<(), ()> {
+        let mut visit: Visitor<'_> = &mut visit;
+        let name = match filter {
+            Some(f) => Some(str::of(f).ok_or(())?),
+            None => None,
+        };
+        let name_ptr = name.as_ref().map_or(std::ptr::null(), |n| n as *const str_);
+        // SAFETY: the visitor gets our closure back, during the call only.
+        let rc = unsafe {
+            sys::evv_walk_subscriptions(
+                name_ptr,
+                self.0,
+                Some(visit_one),
+                (&raw mut visit).cast::<c_void>(),
+            )
+        };
+        if rc < 0 { Err(()) } else { Ok(()) }
     }
 
     /// The transport's own parse of an address; None when it refuses it.

@@ -18,10 +18,12 @@ pub const SHM_BLOCK_OVERHEAD: u64 = 48;
 /// What a held event is charged: the sizes of the shm blocks it holds
 /// (its node, with the event name; the `evi_dup_shm_params` copy, whose
 /// size is `sizeof(evi_params_t) + n * sizeof(evi_param_t)` plus every
-/// parameter's name and string value), each with the allocator's overhead.
+/// parameter's name and string value), each with the allocator's overhead;
+/// a size of 0 is no block.
 pub fn held_event_bytes(blocks: &[usize]) -> u64 {
     blocks
         .iter()
+        .filter(|&&b| b > 0)
         .map(|&b| (b as u64).saturating_add(SHM_BLOCK_OVERHEAD))
         .fold(0, u64::saturating_add)
 }

@@ -43,9 +43,12 @@ pub struct Meta {
     pub born_ms: u64,
 }
 
-/// A held event: owned, and cloned (one more reference) for a lease.
-pub trait Held: Clone {
+/// A held event, owned by the queue.
+pub trait Held {
+    /// What a lease carries to the attempt (one more reference to it).
+    type Event: Clone;
     fn meta(&self) -> Meta;
+    fn event(&self) -> Self::Event;
 }
 
 /// The queue's storage: first in, first out, plus taking out the second
@@ -58,6 +61,9 @@ pub trait Fifo: Default {
     /// Take out the item at 0 or 1.
     fn remove(&mut self, at: usize) -> Option<Self::Item>;
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl<T: Held> Fifo for VecDeque<T> {
@@ -130,7 +136,7 @@ pub struct Lease<I> {
 #[must_use = "a lease must be finished"]
 pub struct Begin<F: Fifo> {
     /// None: nothing to try (empty, closed, or already in flight).
-    pub lease: Option<Lease<F::Item>>,
+    pub lease: Option<Lease<<F::Item as Held>::Event>>,
     /// Events too old to replay, dropped first.
     pub expired: F,
 }
@@ -270,7 +276,7 @@ impl<F: Fifo> Queue<F> {
         let mut evicted = F::default();
         let mut back = None;
         let entry = self.with(|s| {
-            if enter == Enter::Behind && s.fifo.len() == 0 && !s.closed {
+            if enter == Enter::Behind && s.fifo.is_empty() && !s.closed {
                 back = Some(event);
                 return Entry::Empty;
             }
@@ -281,7 +287,7 @@ impl<F: Fifo> Queue<F> {
                 back = Some(event);
                 return Entry::Dropped(reason);
             }
-            let first = s.fifo.len() == 0;
+            let first = s.fifo.is_empty();
             s.fifo.push_back(event);
             s.bytes += bytes;
             budget.held_add(1);
@@ -309,7 +315,7 @@ impl<F: Fifo> Queue<F> {
                 return None;
             }
             self.expire_locked(s, budget, now_ms, &mut expired);
-            let event = s.fifo.get(0)?.clone();
+            let event = s.fifo.get(0)?.event();
             s.seq += 1;
             s.token = s.seq;
             s.in_flight_since = now_ms;
@@ -345,7 +351,7 @@ impl<F: Fifo> Queue<F> {
                 };
                 if delivered {
                     s.replayed += 1;
-                    let drained = s.fifo.len() == 0;
+                    let drained = s.fifo.is_empty();
                     if drained {
                         s.force = Force::None;
                     }
@@ -392,7 +398,7 @@ impl<F: Fifo> Queue<F> {
     /// False when there is nothing to retry.
     pub fn retry_now(&self, all: bool) -> bool {
         self.with(|s| {
-            if s.fifo.len() == 0 || s.closed {
+            if s.fifo.is_empty() || s.closed {
                 return false;
             }
             s.force = s.force.max(if all { Force::All } else { Force::One });
@@ -421,7 +427,7 @@ impl<F: Fifo> Queue<F> {
                 .get(0)
                 .map(|h| now_ms.saturating_sub(h.meta().born_ms)),
             in_flight_ms: (s.token != 0).then(|| now_ms.saturating_sub(s.in_flight_since)),
-            retry_at_ms: (s.fifo.len() > 0).then_some(s.retry_at),
+            retry_at_ms: (!s.fifo.is_empty()).then_some(s.retry_at),
             spooled: s.spooled,
             replayed: s.replayed,
             dropped: s.dropped,

@@ -16,7 +16,7 @@
 
 use super::budget::Budget;
 use super::episode::{self, Report};
-use super::queue::{Fifo, Finish, Lease, Queue};
+use super::queue::{Fifo, Finish, Held, Lease, Queue};
 use super::wake::{due_at, next_wake};
 
 /// Events one queue replays per round before the others get their turn.
@@ -39,7 +39,7 @@ pub trait Replayer<F: Fifo> {
     /// Attempt queue `q`'s leased head: the policy's walk for a FAILOVER,
     /// ROUND-ROBIN or HASH socket, the queue's own subscriber for a
     /// PARALLEL one.  No lock is held.
-    fn attempt(&mut self, q: usize, lease: &Lease<F::Item>) -> Attempted;
+    fn attempt(&mut self, q: usize, lease: &Lease<<F::Item as Held>::Event>) -> Attempted;
     /// When the first subscriber that could take queue `q`'s head is out
     /// of its failover window ([`super::wake::eligible_at`]).
     fn eligible_at(&self, q: usize, now_ms: u64) -> u64;

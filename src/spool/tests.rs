@@ -44,8 +44,12 @@ impl Drop for Block {
 }
 
 impl Held for Ev {
+    type Event = Ev;
     fn meta(&self) -> Meta {
         self.0.meta
+    }
+    fn event(&self) -> Ev {
+        self.clone()
     }
 }
 
