@@ -52,7 +52,7 @@ PYDEPS := $(PYENV)/.requirements
 endif
 
 .PHONY: all build check-tree opensips provision test unit-test integration-test \
-	integration-tests demo bench install clean
+	integration-tests demo bench install clean miri
 
 all: build
 
@@ -110,6 +110,11 @@ integration-tests: $(PYDEPS)
 endif
 
 test: unit-test integration-tests
+
+# the shared-memory layouts (blocks, lists) under Miri, over the system
+# allocator: needs a nightly toolchain with the miri and rust-src components
+miri:
+	env -u OPENSIPS_SRC CARGO_TARGET_DIR=$(CURDIR)/target/miri $(CARGO) +nightly miri test --lib shm::
 
 # a real OpenSIPS, receivers, subscriptions and a failover, told as it happens
 demo: build $(PYDEPS)

@@ -15,7 +15,11 @@ pub mod socket;
 pub mod spool;
 pub mod text;
 
-// the unit tests never need OpenSIPS, so they do not link the boundary
+// the unit tests never need OpenSIPS, so they do not link the boundary;
+// they test the shared-memory blocks over the system allocator
+#[cfg(not(all(opensips, not(test))))]
+#[path = "opensips/shm.rs"]
+pub mod shm;
 #[cfg(all(opensips, not(test)))]
 mod module;
 #[cfg(all(opensips, not(test)))]

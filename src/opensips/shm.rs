@@ -13,7 +13,11 @@ use std::ops::Deref;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::sys;
+#[cfg(all(opensips, not(test)))]
+use super::sys::{evv_shm_free as shm_free, evv_shm_malloc as shm_malloc};
+// `cargo test` (and Miri) run this layout code over the system allocator
+#[cfg(not(all(opensips, not(test))))]
+use libc::{free as shm_free, malloc as shm_malloc};
 
 /// A value that keeps something in its block's payload that must be
 /// dropped with it.
@@ -43,12 +47,12 @@ pub const fn tail_offset<T>() -> usize {
 fn alloc<T>(value: T, tail_len: usize, fill: impl FnOnce(&mut [u8])) -> Option<NonNull<Block<T>>> {
     let size = tail_offset::<T>().checked_add(tail_len)?;
     // SAFETY: a plain allocation, checked below.
-    let block = NonNull::new(unsafe { sys::evv_shm_malloc(size) }.cast::<Block<T>>())?;
+    let block = NonNull::new(unsafe { shm_malloc(size) }.cast::<Block<T>>())?;
     if !block.as_ptr().is_aligned() {
         // shm_malloc aligns for the core's own structures; a value that
         // needs more is refused rather than misplaced
         // SAFETY: just allocated, never seen by anyone.
-        unsafe { sys::evv_shm_free(block.as_ptr().cast()) };
+        unsafe { shm_free(block.as_ptr().cast()) };
         return None;
     }
     // SAFETY: block is aligned and has room for the Block and tail_len
@@ -88,7 +92,7 @@ unsafe fn free<T>(block: NonNull<Block<T>>) {
     // SAFETY: per the contract, nobody else can reach the block.
     unsafe {
         ptr::drop_in_place(block.as_ptr());
-        sys::evv_shm_free(block.as_ptr().cast());
+        shm_free(block.as_ptr().cast());
     }
 }
 
@@ -323,5 +327,105 @@ impl<T: Tail> Drop for ShmList<T> {
         // one node at a time: dropping the head would drop the chain
         // recursively
         while self.remove(0).is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its drops, and its tails dropped.
+    struct Counted<'a>(&'a AtomicUsize, u64);
+
+    impl Tail for Counted<'_> {
+        fn drop_tail(&mut self, tail: NonNull<u8>) {
+            // blocks with a payload are made with 8 bytes of 7
+            if self.1 == 5 || self.1 == 6 {
+                // SAFETY: the payload's first byte, in the block
+                assert_eq!(unsafe { *tail.as_ptr() }, 7);
+                self.0.fetch_add(100, Ordering::Relaxed);
+            }
+        }
+    }
+
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_last_reference_frees_once_through_c_and_back() {
+        let drops = AtomicUsize::new(0);
+        let a = ShmRc::new(Counted(&drops, 5), 8, |t| t.fill(7)).unwrap();
+        assert_eq!(a.tail_len(), 8);
+        // the core's pointer is the block's, and comes back
+        let raw = a.clone().into_raw();
+        assert_eq!(raw, a.as_ptr());
+        // SAFETY: raw is a's clone, kept alive by a meanwhile
+        let b = unsafe { ShmRc::clone_raw(raw) }.unwrap();
+        assert_eq!(b.1, 5);
+        let mut a = a;
+        assert!(a.get_mut().is_none(), "shared: no &mut");
+        drop(b);
+        // SAFETY: the reference into_raw gave, taken back once
+        drop(unsafe { ShmRc::from_raw(raw) });
+        let (v, tail) = a.get_mut().unwrap();
+        v.1 = 6;
+        assert_eq!(tail, &[7; 8]);
+        assert_eq!(drops.load(Ordering::Relaxed), 0);
+        drop(a);
+        assert_eq!(drops.load(Ordering::Relaxed), 101);
+    }
+
+    #[test]
+    fn a_list_keeps_order_and_takes_out_the_first_or_second() {
+        let drops = AtomicUsize::new(0);
+        let node = |n| ShmNode::new(Counted(&drops, n)).unwrap();
+        let ids = |l: &ShmList<Counted<'_>>| -> Vec<u64> {
+            (0..2).filter_map(|i| l.get(i).map(|c| c.1)).collect()
+        };
+        let mut l = ShmList::default();
+        assert!(l.get(0).is_none() && l.remove(0).is_none() && l.remove(1).is_none());
+        for n in 1..=3 {
+            l.push_back(node(n));
+        }
+        assert_eq!((ids(&l), l.len()), (vec![1, 2], 3));
+        assert_eq!(l.remove(1).unwrap().1, 2);
+        assert_eq!(l.remove(1).unwrap().1, 3);
+        // the tail moved back to the head: pushing links after it
+        l.push_back(node(4));
+        assert_eq!(ids(&l), vec![1, 4]);
+        assert_eq!(l.remove(0).unwrap().1, 1);
+        assert_eq!(l.remove(0).unwrap().1, 4);
+        assert_eq!(l.len(), 0);
+        l.push_back(node(5));
+        assert_eq!(ids(&l), vec![5]);
+        assert_eq!(drops.load(Ordering::Relaxed), 4);
+        drop(l);
+        assert_eq!(drops.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn a_long_list_is_dropped_without_recursion() {
+        let drops = AtomicUsize::new(0);
+        let n = if cfg!(miri) { 100 } else { 200_000 };
+        let mut l = ShmList::default();
+        for i in 0..n {
+            l.push_back(ShmNode::new(Counted(&drops, i)).unwrap());
+        }
+        drop(l);
+        assert_eq!(drops.load(Ordering::Relaxed), n as usize);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "it leaks, by design")]
+    fn a_leaked_block_stays() {
+        struct Word(AtomicUsize);
+        impl Tail for Word {}
+        let v = &leak(Word(AtomicUsize::new(3))).unwrap().0;
+        v.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(v.load(Ordering::Relaxed), 4);
     }
 }
