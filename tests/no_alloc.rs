@@ -1,6 +1,6 @@
 //! The synchronous raise path allocates nothing: every policy's delivery,
 //! over subscribers that succeed and that fail, is run under an allocator
-//! that counts, and must not call it.  (`src/module/raise.rs` adds only a
+//! that counts, and must not call it.  (`src/module/deliver.rs` adds only a
 //! reference on the socket, the statistics and the calls into the
 //! transports around this; its `log!` formats text only for a line that is
 //! printed: a lost event, a health change, or at DBG.)

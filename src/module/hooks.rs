@@ -1,5 +1,5 @@
 //! The five hooks of the `virtual` transport, as the core calls them
-//! (through the trampolines of `crate::opensips::transport`).
+//! (through the trampolines of `crate::opensips::evi`).
 
 #![forbid(unsafe_code)]
 

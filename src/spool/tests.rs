@@ -1,6 +1,5 @@
-//! The spool's invariants, over a fake heap that catches a double free or
-//! a use after free, and a lock built on std (the queue relies only on
-//! [`RawLock`]).
+//! The spool's invariants, over fake held events whose heap counts the
+//! ones alive (a leak shows), in `VecDeque`s.
 //!
 //! - FIFO per queue; at most one event in flight; each lease settled once.
 //! - Every event that entered is delivered or counted dropped, exactly
