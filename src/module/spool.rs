@@ -18,7 +18,7 @@ use crate::opensips::spool::{self as held, HeldNodes, futex_wait, futex_wake};
 use crate::policy::{self, Progress};
 use crate::socket::{self, Policy};
 use crate::spool::replay::{self, Attempted, Replayer};
-use crate::spool::wake::{self, IDLE_MS, sleep_ms};
+use crate::spool::wake::{IDLE_MS, sleep_ms};
 use crate::spool::{
     Budget, Config, Doorbell, Enter, Entry, Finish, Handle, Lease, Limits, Queue, Reason, Report,
     Run, SpoolOption,
@@ -320,14 +320,14 @@ impl Replayer for Replay<'_> {
                     Attempted::Pending => return Attempted::Pending,
                     _ => {
                         let mut driver = CoreDriver::new(sock, None, None, Msg::none());
-                        policy::record(sock.subs(), qi, false, now, &mut driver);
+                        policy::record(&sock.rotation, sock.subs(), qi, false, now, &mut driver);
                         return Attempted::Failed;
                     }
                 }
             }
             let ok = sock.subs()[qi].sock.raise(&event) == 0;
             let mut driver = CoreDriver::new(sock, None, None, Msg::none());
-            policy::record(sock.subs(), qi, ok, now, &mut driver);
+            policy::record(&sock.rotation, sock.subs(), qi, ok, now, &mut driver);
             return if ok {
                 Attempted::Delivered
             } else {
@@ -362,9 +362,9 @@ impl Replayer for Replay<'_> {
         let window = exports::rules().window_ms;
         match sock.policy {
             Policy::Parallel => {
-                wake::eligible_at(now_ms, [sock.subs()[qi].health.state(now_ms, window)])
+                policy::eligible_at(now_ms, [sock.subs()[qi].health.state(now_ms, window)])
             }
-            _ => wake::eligible_at(
+            _ => policy::eligible_at(
                 now_ms,
                 sock.subs().iter().map(|s| s.health.state(now_ms, window)),
             ),

@@ -27,14 +27,14 @@
 use std::cell::UnsafeCell;
 use std::ops::Deref;
 use std::ptr::{self, NonNull, null_mut};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 
 use crate::opensips::evi::{CoreSock, reply_sock};
 use crate::opensips::evi_reply_sock;
 use crate::opensips::shm::{ShmRc, Tail, tail_offset};
 use crate::opensips::str::{self, str_};
 use crate::opensips::transport::{SubSocket, Transport};
-use crate::policy::{self, Health};
+use crate::policy::{self, Health, Rotation};
 use crate::socket::{self, ParseError, Policy, Transports};
 use crate::spool::{Queue, SpoolOption};
 
@@ -44,7 +44,7 @@ pub struct VSock {
     reply: UnsafeCell<evi_reply_sock>,
     pub policy: Policy,
     n: u32,
-    pub rotation: AtomicU64,
+    pub rotation: Rotation,
     /// HASH: set once an event without the parameter has been logged.
     pub unkeyed_said: AtomicBool,
     /// Spool queues after the Subs; 0: no spool.
@@ -125,7 +125,7 @@ impl SockRef {
             policy: parsed.policy,
             // socket.rs caps it at MAX_SUBSCRIBERS
             n: subs.len() as u32,
-            rotation: AtomicU64::new(0),
+            rotation: Rotation::default(),
             unkeyed_said: AtomicBool::new(false),
             q: q as u32,
             spool: parsed.spool,

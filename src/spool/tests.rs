@@ -18,10 +18,10 @@ use std::sync::{Condvar, Mutex};
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{Health, State};
+use crate::policy::{Health, State, eligible_at};
 use crate::spool::episode;
 use crate::spool::queue::View;
-use crate::spool::wake::{due_at, eligible_at, next_wake};
+use crate::spool::wake::{due_at, next_wake};
 
 // ---- test doubles ----------------------------------------------------------
 
@@ -887,7 +887,7 @@ struct Side {
     policy: Policy,
     heap: Heap,
     health: Vec<Sub>,
-    rotation: AtomicU64,
+    rotation: policy::Rotation,
     rx: Receivers,
     window_ms: u64,
     now: u64,
@@ -921,7 +921,7 @@ impl Socket {
                 policy,
                 heap: Heap::default(),
                 health: (0..n).map(|_| Sub(Health::default())).collect(),
-                rotation: AtomicU64::new(0),
+                rotation: policy::Rotation::default(),
                 rx: Receivers {
                     up: vec![true; n],
                     got: vec![vec![]; n],
@@ -971,7 +971,7 @@ impl Socket {
                 if ok {
                     s.rx.got[i].push(id);
                 }
-                policy::record(&s.health, i, ok, s.now, &mut s.rx);
+                policy::record(&s.rotation, &s.health, i, ok, s.now, &mut s.rx);
                 if !ok {
                     let _ = self.hold(i, id, Enter::Failed);
                 }
@@ -1065,7 +1065,7 @@ impl Replayer for Side {
         }
         let ok = if self.policy == Policy::Parallel {
             let ok = self.take(q, id);
-            policy::record(&self.health, q, ok, self.now, &mut self.rx);
+            policy::record(&self.rotation, &self.health, q, ok, self.now, &mut self.rx);
             ok
         } else {
             let rules = Rules {
