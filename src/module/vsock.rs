@@ -38,6 +38,7 @@ use crate::policy::{self, Health, Rotation};
 use crate::socket::{self, ParseError, Policy, Transports};
 use crate::spool::{Queue, SpoolOption};
 
+#[repr(C)]
 pub struct VSock {
     /// What the core holds; it writes flags, expire and subscription time
     /// under its event lock while raises read the rest of the block.
@@ -55,6 +56,7 @@ pub struct VSock {
 
 /// One subscriber: its transport's socket, where its token is in the
 /// printed text, its health.
+#[repr(C)]
 pub struct Sub {
     pub sock: SubSocket,
     token_off: u32,
@@ -68,6 +70,8 @@ impl AsRef<Health> for Sub {
     }
 }
 
+// the core reads the block as its evi_reply_sock
+const _: () = assert!(std::mem::offset_of!(VSock, reply) == 0);
 // the Subs start the payload, which is aligned for a usize
 const _: () = assert!(align_of::<Sub>() <= align_of::<usize>());
 const _: () = assert!(tail_offset::<VSock>().is_multiple_of(align_of::<usize>()));
