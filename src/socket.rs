@@ -52,6 +52,11 @@ impl Policy {
         }
     }
 
+    /// Whether `name` is a policy's, HASH's included.
+    fn is_name(name: &[u8]) -> bool {
+        Policy::ALL.iter().any(|p| p.name().as_bytes() == name)
+    }
+
     /// Exactly the upper-case name, as a whole token.
     fn from_token(tok: &[u8]) -> Option<Policy> {
         Policy::WORDS
@@ -201,7 +206,8 @@ pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
         Some(_) => Policy::Hash,
         None => Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?,
     };
-    let spool = crate::spool::config::take_options(&mut toks).map_err(ParseError::Option)?;
+    let spool = crate::spool::config::take_options(&mut toks, Policy::is_name)
+        .map_err(ParseError::Option)?;
     let options = usize::from(spool.is_some());
     let mut subs = Vec::new();
     for token in toks {
@@ -372,6 +378,7 @@ pub fn release_all<T: Transports>(reg: &mut T, built: Opened<T>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::OptionError::{PolicyNotFirst, Unknown};
 
     fn toks<'a>(p: &'a Parsed<'a>) -> Vec<&'a [u8]> {
         p.subs.iter().map(|s| s.token).collect()
@@ -440,6 +447,26 @@ mod tests {
             parse(b"HASH(callid)"),
             Err(ParseError::NoSubscribers(Policy::Hash))
         );
+    }
+
+    #[test]
+    fn a_policy_where_the_options_go_is_refused_as_one() {
+        for p in [
+            "HASH(callid)",
+            "PARALLEL(1)",
+            "FAILOVER(x)",
+            "ROUND-ROBIN()",
+        ] {
+            let text = format!("FAILOVER SPOOL(5) {p} udp:a:1");
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert_eq!(e, ParseError::Option(PolicyNotFirst(p.into())));
+            assert!(
+                e.to_string()
+                    .ends_with("is a policy: it must be the first token")
+            );
+        }
+        let e = parse(b"FAILOVER SPOOLX(5) udp:a:1").unwrap_err();
+        assert_eq!(e, ParseError::Option(Unknown("SPOOLX(5)".into())));
     }
 
     #[test]
