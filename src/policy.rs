@@ -61,14 +61,11 @@ pub enum State {
 /// When the first of these subscribers is out of its window (`now_ms` if
 /// one already is, or if there are none): when the spool may try them.
 pub fn eligible_at(now_ms: u64, states: impl IntoIterator<Item = State>) -> u64 {
-    states
-        .into_iter()
-        .map(|s| match s {
-            State::Healthy | State::Failing => now_ms,
-            State::Skipped { for_ms } => now_ms.saturating_add(for_ms),
-        })
-        .min()
-        .unwrap_or(now_ms)
+    let at = |s| match s {
+        State::Skipped { for_ms } => now_ms.saturating_add(for_ms),
+        State::Healthy | State::Failing => now_ms,
+    };
+    states.into_iter().map(at).min().unwrap_or(now_ms)
 }
 
 /// A change in a subscriber's health, reported once per change.
@@ -338,11 +335,7 @@ impl Walk {
 
     fn next<S: AsRef<Health>>(&mut self, subs: &[S], window_ms: u64, now_ms: u64) -> Option<usize> {
         let n = self.n;
-        let passes = if self.policy == Policy::Parallel {
-            1
-        } else {
-            2
-        };
+        let passes = 2 - u32::from(self.policy == Policy::Parallel);
         while self.step < passes * n {
             let k = self.step;
             self.step += 1;
@@ -555,24 +548,22 @@ pub fn rotation_start<S: AsRef<Health>>(
     window_ms: u64,
     now_ms: u64,
 ) -> usize {
-    let n = subs.len();
-    if rotation.failing.load(Relaxed) == 0 {
-        return (ticket % n as u64) as usize;
-    }
-    let healthy = subs
-        .iter()
-        .filter(|s| !s.as_ref().skipped(now_ms, window_ms))
-        .count();
+    let n = subs.len() as u64;
+    let up = |s: &&S| !s.as_ref().skipped(now_ms, window_ms);
+    // none failed: none is skipped, and none is looked at
+    let healthy = match rotation.failing.load(Relaxed) {
+        0 => n,
+        _ => subs.iter().filter(up).count() as u64,
+    };
     if healthy == 0 || healthy == n {
-        return (ticket % n as u64) as usize;
+        return (ticket % n) as usize;
     }
-    let k = (ticket % healthy as u64) as usize;
     subs.iter()
         .enumerate()
-        .filter(|(_, s)| !s.as_ref().skipped(now_ms, window_ms))
-        .nth(k)
+        .filter(|(_, s)| up(s))
+        .nth((ticket % healthy) as usize)
         // health may change under us between the count and the walk
-        .map_or((ticket % n as u64) as usize, |(i, _)| i)
+        .map_or((ticket % n) as usize, |(i, _)| i)
 }
 
 #[cfg(test)]

@@ -29,9 +29,6 @@ impl Policy {
         Policy::Hash,
     ];
 
-    /// The policies written as a bare word (the C module's three).
-    pub const WORDS: [Policy; 3] = [Policy::Parallel, Policy::Failover, Policy::RoundRobin];
-
     pub fn name(self) -> &'static str {
         match self {
             Policy::Parallel => "PARALLEL",
@@ -52,16 +49,12 @@ impl Policy {
         }
     }
 
-    /// Whether `name` is a policy's, HASH's included.
-    fn is_name(name: &[u8]) -> bool {
-        Policy::ALL.iter().any(|p| p.name().as_bytes() == name)
-    }
-
-    /// Exactly the upper-case name, as a whole token.
-    fn from_token(tok: &[u8]) -> Option<Policy> {
-        Policy::WORDS
+    /// The policy of exactly this upper-case name (a bare `HASH` token
+    /// never gets here: [`hash_key`] refuses it first).
+    fn named(name: &[u8]) -> Option<Policy> {
+        Policy::ALL
             .into_iter()
-            .find(|p| p.name().as_bytes() == tok)
+            .find(|p| p.name().as_bytes() == name)
     }
 }
 
@@ -204,9 +197,9 @@ pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
     let key = hash_key(first)?;
     let policy = match key {
         Some(_) => Policy::Hash,
-        None => Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?,
+        None => Policy::named(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?,
     };
-    let spool = crate::spool::config::take_options(&mut toks, Policy::is_name)
+    let spool = crate::spool::config::take_options(&mut toks, |n| Policy::named(n).is_some())
         .map_err(ParseError::Option)?;
     let options = usize::from(spool.is_some());
     let mut subs = Vec::new();
@@ -396,7 +389,7 @@ mod tests {
 
     #[test]
     fn parses_the_three_policies() {
-        for p in Policy::WORDS {
+        for p in Policy::ALL[..3].iter().copied() {
             let text = format!("{} udp:127.0.0.1:1", p.name());
             assert_eq!(parse(text.as_bytes()).unwrap().policy, p);
         }

@@ -301,7 +301,7 @@ where
 mod tests {
     use super::*;
 
-    /// The socket parser's (`Policy::is_name`), as far as these tests go.
+    /// The socket parser's test, as far as these tests go.
     fn hash(name: &[u8]) -> bool {
         name == b"HASH"
     }
