@@ -44,12 +44,13 @@ pub struct VSock {
     /// under its event lock while raises read the rest of the block.
     reply: UnsafeCell<evi_reply_sock>,
     pub policy: Policy,
-    n: u32,
+    /// Subscribers, and spool queues after them (0: no spool); u16s, so
+    /// that the block is no larger for the rotation's count.
+    n: u16,
+    q: u16,
     pub rotation: Rotation,
     /// HASH: set once an event without the parameter has been logged.
     pub unkeyed_said: AtomicBool,
-    /// Spool queues after the Subs; 0: no spool.
-    q: u32,
     /// The `SPOOL(...)` option the socket was made with.
     pub spool: Option<SpoolOption>,
 }
@@ -72,6 +73,7 @@ impl AsRef<Health> for Sub {
 
 // the core reads the block as its evi_reply_sock
 const _: () = assert!(std::mem::offset_of!(VSock, reply) == 0);
+const _: () = assert!(socket::MAX_SUBSCRIBERS <= u16::MAX as usize);
 // the Subs start the payload, which is aligned for a usize
 const _: () = assert!(align_of::<Sub>() <= align_of::<usize>());
 const _: () = assert!(tail_offset::<VSock>().is_multiple_of(align_of::<usize>()));
@@ -127,11 +129,11 @@ impl SockRef {
         let head = VSock {
             reply: UnsafeCell::new(reply_sock(str::EMPTY, null_mut())),
             policy: parsed.policy,
-            // socket.rs caps it at MAX_SUBSCRIBERS
-            n: subs.len() as u32,
+            // socket.rs caps both at MAX_SUBSCRIBERS
+            n: subs.len() as u16,
+            q: q as u16,
             rotation: Rotation::default(),
             unkeyed_said: AtomicBool::new(false),
-            q: q as u32,
             spool: parsed.spool,
         };
         // HASH's rendezvous seeds (the other policies ignore them)
