@@ -5,8 +5,9 @@
 //! due when both hold:
 //!
 //! - some subscriber that could take its head is out of its failover
-//!   window (`policy::eligible_at`): for a PARALLEL queue its one subscriber, for
-//!   the other policies any of the socket's subscribers;
+//!   window (the module asks `policy::eligible_at`, and passes the time
+//!   in): for a PARALLEL queue its one subscriber, for the other policies
+//!   any of the socket's subscribers;
 //! - its own retry floor has passed (`retry_at`, set `spool_retry_interval`
 //!   after the queue's last failed attempt): with `failover_timeout` 0 no
 //!   window ever holds a subscriber back, and the floor alone keeps the
