@@ -26,9 +26,9 @@ pub struct Rotation {
 }
 
 impl Rotation {
-    /// The ticket the next event takes.
-    pub fn ticket(&self) -> u64 {
-        self.ticket.load(Relaxed)
+    /// Where the next event starts, as [`rotation_start`] will place it.
+    pub fn next<S: AsRef<Health>>(&self, subs: &[S], window_ms: u64, now_ms: u64) -> usize {
+        rotation_start(self, self.ticket.load(Relaxed), subs, window_ms, now_ms)
     }
 }
 
@@ -539,8 +539,9 @@ pub fn int_text(n: i32, buf: &mut [u8; 11]) -> &[u8] {
 /// `ticket % n`, found without looking at them while none has failed.
 ///
 /// Delivery asks it with the ticket it takes, and MI `event_virtual_list`
-/// with the ticket the next event will take: one answer for both, so the
-/// subscriber the list names as next is the one the event goes to.
+/// ([`Rotation::next`]) with the ticket the next event will take: one
+/// answer for both, so the subscriber the list names as next is the one
+/// the event goes to.
 pub fn rotation_start<S: AsRef<Health>>(
     rotation: &Rotation,
     ticket: u64,
@@ -825,8 +826,7 @@ mod tests {
             let mut f = Fake::new(&up);
             record(&s.rotation, &s.subs, dead, false, 1, &mut f);
             for t in 0..24 {
-                let ticket = s.rotation.ticket();
-                let announced = rotation_start(&s.rotation, ticket, &s.subs, RULES.window_ms, 2);
+                let announced = s.rotation.next(&s.subs, RULES.window_ms, 2);
                 f.tried.clear();
                 assert!(s.event(&mut f, 2).delivered());
                 assert_eq!(f.tried[0], announced, "dead {dead}, event {t}");

@@ -53,8 +53,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
         }
         if sock.policy == Policy::RoundRobin {
             // the ticket the next event takes, placed as delivery will
-            let (rotation, subs) = (&sock.rotation, sock.subs());
-            let next = policy::rotation_start(rotation, rotation.ticket(), subs, window, now);
+            let next = sock.rotation.next(sock.subs(), window, now);
             o.number("next", next as f64)?;
         }
         let queues = sock.queues();
