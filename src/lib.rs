@@ -17,13 +17,13 @@ pub mod text;
 
 // the unit tests never need OpenSIPS, so they do not link the boundary;
 // they test the shared-memory blocks over the system allocator
-#[cfg(not(all(opensips, not(test))))]
-#[path = "opensips/shm.rs"]
-pub mod shm;
 #[cfg(all(opensips, not(test)))]
 mod module;
 #[cfg(all(opensips, not(test)))]
 mod opensips;
+#[cfg(not(all(opensips, not(test))))]
+#[path = "opensips/shm.rs"]
+pub mod shm;
 
 /// What OpenSIPS looks up by name when it loads the module; declared in
 /// `module::exports`.  It is defined here because rustc exports only

@@ -8,9 +8,29 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use crate::socket::{MAX_SUBSCRIBERS, Policy};
+
+/// A socket's ROUND-ROBIN rotation: the next ticket, and how many of its
+/// subscribers' last attempt failed, kept by [`record`] at each
+/// transition.  While none has, no subscriber is skipped and
+/// [`rotation_start`] looks at none of them.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct Rotation {
+    ticket: AtomicU64,
+    /// Transitions of one subscriber may be counted out of order, so it
+    /// can wrap below 0 for a moment: only 0 is read, as "none failed".
+    failing: AtomicU32,
+}
+
+impl Rotation {
+    /// Where the next event starts, as [`rotation_start`] will place it.
+    pub fn next<S: AsRef<Health>>(&self, subs: &[S], window_ms: u64, now_ms: u64) -> usize {
+        rotation_start(self, self.ticket.load(Relaxed), subs, window_ms, now_ms)
+    }
+}
 
 /// One subscriber's health and counters, and its fixed HASH seed.
 #[derive(Debug, Default)]
@@ -36,6 +56,16 @@ pub enum State {
     Skipped {
         for_ms: u64,
     },
+}
+
+/// When the first of these subscribers is out of its window (`now_ms` if
+/// one already is, or if there are none): when the spool may try them.
+pub fn eligible_at(now_ms: u64, states: impl IntoIterator<Item = State>) -> u64 {
+    let at = |s| match s {
+        State::Skipped { for_ms } => now_ms.saturating_add(for_ms),
+        State::Healthy | State::Failing => now_ms,
+    };
+    states.into_iter().map(at).min().unwrap_or(now_ms)
 }
 
 /// A change in a subscriber's health, reported once per change.
@@ -209,11 +239,11 @@ impl Outcome {
 impl Walk {
     /// Start one event.  A ROUND-ROBIN event, and a HASH event without
     /// its `value`, takes the next ticket from the socket's shared
-    /// `rotation` counter; a HASH event with one is placed by its digest.
-    /// Other policies ignore `value`.
+    /// `rotation`; a HASH event with one is placed by its digest.  Other
+    /// policies ignore `value`.
     pub fn begin<S: AsRef<Health>>(
         policy: Policy,
-        rotation: &AtomicU64,
+        rotation: &Rotation,
         value: Option<&[u8]>,
         subs: &[S],
         rules: Rules,
@@ -222,8 +252,8 @@ impl Walk {
         let hashed = policy == Policy::Hash && value.is_some();
         let rotates = policy == Policy::RoundRobin || (policy == Policy::Hash && !hashed);
         let start = if rotates && !subs.is_empty() {
-            let ticket = rotation.fetch_add(1, Relaxed);
-            rotation_start(ticket, subs, rules.window_ms, now_ms)
+            let ticket = rotation.ticket.fetch_add(1, Relaxed);
+            rotation_start(rotation, ticket, subs, rules.window_ms, now_ms)
         } else {
             0
         };
@@ -246,6 +276,7 @@ impl Walk {
     /// Offer the event until it is settled or waits for a report.
     pub fn run<S: AsRef<Health>, D: Driver>(
         &mut self,
+        rotation: &Rotation,
         subs: &[S],
         rules: Rules,
         now_ms: u64,
@@ -258,7 +289,7 @@ impl Walk {
                 Attempt::Pending => return Progress::Pending,
                 result => {
                     let ok = result == Attempt::Taken;
-                    record(subs, i, ok, now_ms, driver);
+                    record(rotation, subs, i, ok, now_ms, driver);
                     if ok {
                         self.taken += 1;
                         if self.policy != Policy::Parallel {
@@ -274,21 +305,23 @@ impl Walk {
     /// An asynchronous transport reported on subscriber `i` of a
     /// FAILOVER or ROUND-ROBIN event: settled if it took it, otherwise
     /// offered on to the next subscribers.
+    #[allow(clippy::too_many_arguments)] // the report, the socket, the clock
     pub fn resume<S: AsRef<Health>, D: Driver>(
         &mut self,
         i: usize,
         ok: bool,
+        rotation: &Rotation,
         subs: &[S],
         rules: Rules,
         now_ms: u64,
         driver: &mut D,
     ) -> Progress {
-        record(subs, i, ok, now_ms, driver);
+        record(rotation, subs, i, ok, now_ms, driver);
         if ok {
             self.taken += 1;
             return Progress::Done(self.outcome());
         }
-        self.run(subs, rules, now_ms, driver)
+        self.run(rotation, subs, rules, now_ms, driver)
     }
 
     fn outcome(&self) -> Outcome {
@@ -302,11 +335,7 @@ impl Walk {
 
     fn next<S: AsRef<Health>>(&mut self, subs: &[S], window_ms: u64, now_ms: u64) -> Option<usize> {
         let n = self.n;
-        let passes = if self.policy == Policy::Parallel {
-            1
-        } else {
-            2
-        };
+        let passes = 2 - u32::from(self.policy == Policy::Parallel);
         while self.step < passes * n {
             let k = self.step;
             self.step += 1;
@@ -337,10 +366,12 @@ impl Walk {
     }
 }
 
-/// Record subscriber `i`'s result and report the change it makes, if any.
-/// Asynchronous reports come here too, through [`Walk::resume`]; a
-/// PARALLEL subscriber's report, which continues nothing, through this.
+/// Record subscriber `i`'s result, count the change it makes in the
+/// socket's `rotation`, and report it.  Asynchronous reports come here too,
+/// through [`Walk::resume`]; a PARALLEL subscriber's report, which
+/// continues nothing, through this.
 pub fn record<S: AsRef<Health>, D: Driver>(
+    rotation: &Rotation,
     subs: &[S],
     i: usize,
     ok: bool,
@@ -348,6 +379,10 @@ pub fn record<S: AsRef<Health>, D: Driver>(
     driver: &mut D,
 ) {
     if let Some(t) = subs[i].as_ref().record(ok, now_ms) {
+        match t {
+            Transition::Failing => rotation.failing.fetch_add(1, Relaxed),
+            Transition::Recovered => rotation.failing.fetch_sub(1, Relaxed),
+        };
         driver.transition(i, t);
     }
 }
@@ -355,14 +390,15 @@ pub fn record<S: AsRef<Health>, D: Driver>(
 /// One event, offered synchronously: [`Walk::begin`] then [`Walk::run`].
 pub fn deliver<S: AsRef<Health>, D: Driver>(
     policy: Policy,
-    rotation: &AtomicU64,
+    rotation: &Rotation,
     value: Option<&[u8]>,
     subs: &[S],
     rules: Rules,
     now_ms: u64,
     driver: &mut D,
 ) -> Progress {
-    Walk::begin(policy, rotation, value, subs, rules, now_ms).run(subs, rules, now_ms, driver)
+    Walk::begin(policy, rotation, value, subs, rules, now_ms)
+        .run(rotation, subs, rules, now_ms, driver)
 }
 
 // ---- HASH: rendezvous placement ------------------------------------------
@@ -500,32 +536,35 @@ pub fn int_text(n: i32, buf: &mut [u8; 11]) -> &[u8] {
 /// over the healthy subscribers only, so that a passed-over subscriber's
 /// share is spread over all healthy ones rather than handed to its
 /// neighbour; with every subscriber healthy (or none) this is plain
-/// `ticket % n`.
+/// `ticket % n`, found without looking at them while none has failed.
 ///
 /// Delivery asks it with the ticket it takes, and MI `event_virtual_list`
-/// with the ticket the next event will take: one answer for both, so the
-/// subscriber the list names as next is the one the event goes to.
+/// ([`Rotation::next`]) with the ticket the next event will take: one
+/// answer for both, so the subscriber the list names as next is the one
+/// the event goes to.
 pub fn rotation_start<S: AsRef<Health>>(
+    rotation: &Rotation,
     ticket: u64,
     subs: &[S],
     window_ms: u64,
     now_ms: u64,
 ) -> usize {
-    let n = subs.len();
-    let healthy = subs
-        .iter()
-        .filter(|s| !s.as_ref().skipped(now_ms, window_ms))
-        .count();
+    let n = subs.len() as u64;
+    let up = |s: &&S| !s.as_ref().skipped(now_ms, window_ms);
+    // none failed: none is skipped, and none is looked at
+    let healthy = match rotation.failing.load(Relaxed) {
+        0 => n,
+        _ => subs.iter().filter(up).count() as u64,
+    };
     if healthy == 0 || healthy == n {
-        return (ticket % n as u64) as usize;
+        return (ticket % n) as usize;
     }
-    let k = (ticket % healthy as u64) as usize;
     subs.iter()
         .enumerate()
-        .filter(|(_, s)| !s.as_ref().skipped(now_ms, window_ms))
-        .nth(k)
+        .filter(|(_, s)| up(s))
+        .nth((ticket % healthy) as usize)
         // health may change under us between the count and the walk
-        .map_or((ticket % n as u64) as usize, |(i, _)| i)
+        .map_or((ticket % n) as usize, |(i, _)| i)
 }
 
 #[cfg(test)]
@@ -594,7 +633,7 @@ mod tests {
 
     struct Socket {
         policy: Policy,
-        rotation: AtomicU64,
+        rotation: Rotation,
         subs: Vec<Sub>,
     }
 
@@ -602,7 +641,7 @@ mod tests {
         fn new(policy: Policy, n: usize) -> Socket {
             Socket {
                 policy,
-                rotation: AtomicU64::new(0),
+                rotation: Rotation::default(),
                 subs: subs(n),
             }
         }
@@ -785,10 +824,9 @@ mod tests {
             let mut up = [true; 4];
             up[dead] = false;
             let mut f = Fake::new(&up);
-            s.subs[dead].0.record(false, 1);
+            record(&s.rotation, &s.subs, dead, false, 1, &mut f);
             for t in 0..24 {
-                let ticket = s.rotation.load(Relaxed);
-                let announced = rotation_start(ticket, &s.subs, RULES.window_ms, 2);
+                let announced = s.rotation.next(&s.subs, RULES.window_ms, 2);
                 f.tried.clear();
                 assert!(s.event(&mut f, 2).delivered());
                 assert_eq!(f.tried[0], announced, "dead {dead}, event {t}");
@@ -802,13 +840,15 @@ mod tests {
         // rotation 10 over three, the second passed over: 10 % 3 would name
         // subscriber 1, but the event goes to the (10 % 2)-th healthy one
         let s = Socket::new(Policy::RoundRobin, 3);
-        s.subs[1].0.record(false, 1);
-        assert_eq!(rotation_start(10, &s.subs, RULES.window_ms, 2), 0);
-        assert_eq!(rotation_start(11, &s.subs, RULES.window_ms, 2), 2);
+        let mut f = Fake::new(&[true; 3]);
+        let start = |t| rotation_start(&s.rotation, t, &s.subs, RULES.window_ms, 2);
+        record(&s.rotation, &s.subs, 1, false, 1, &mut f);
+        assert_eq!(start(10), 0);
+        assert_eq!(start(11), 2);
         // with all of them passed over (or none) it is plain ticket % n
-        s.subs[0].0.record(false, 1);
-        s.subs[2].0.record(false, 1);
-        assert_eq!(rotation_start(10, &s.subs, RULES.window_ms, 2), 1);
+        record(&s.rotation, &s.subs, 0, false, 1, &mut f);
+        record(&s.rotation, &s.subs, 2, false, 1, &mut f);
+        assert_eq!(start(10), 1);
     }
 
     #[test]
@@ -834,6 +874,73 @@ mod tests {
         assert_eq!(h.state(11, 0), State::Failing);
         h.record(true, 200);
         assert_eq!(h.state(201, 100), State::Healthy);
+    }
+
+    #[test]
+    fn eligible_when_the_first_window_ends() {
+        let s = [
+            State::Skipped { for_ms: 300 },
+            State::Skipped { for_ms: 100 },
+        ];
+        assert_eq!(eligible_at(1000, s), 1100);
+        assert_eq!(eligible_at(1000, [s[0], State::Failing]), 1000);
+        assert_eq!(eligible_at(1000, [State::Healthy]), 1000);
+        assert_eq!(eligible_at(1000, []), 1000);
+    }
+
+    #[test]
+    fn the_failing_count_stays_exact_under_concurrent_reports() {
+        let s = Socket::new(Policy::RoundRobin, 8);
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let s = &s;
+                sc.spawn(move || {
+                    let mut f = Fake::new(&[true; 8]);
+                    let mut x = t + 1;
+                    for k in 0..20_000 {
+                        x = fmix64(x);
+                        record(
+                            &s.rotation,
+                            &s.subs,
+                            (x % 8) as usize,
+                            x & 16 == 0,
+                            k,
+                            &mut f,
+                        );
+                    }
+                });
+            }
+        });
+        let failing = s.subs.iter().filter(|x| x.0.state(0, 0) != State::Healthy);
+        assert_eq!(s.rotation.failing.load(Relaxed) as usize, failing.count());
+        // every one recovers: back to 0, and to the fast path
+        let mut f = Fake::new(&[true; 8]);
+        for i in 0..8 {
+            record(&s.rotation, &s.subs, i, true, 1, &mut f);
+        }
+        assert_eq!(s.rotation.failing.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_fast_path_and_the_walk_agree() {
+        for n in 1..9 {
+            let s = Socket::new(Policy::RoundRobin, n);
+            let mut f = Fake::new(&vec![true; n]);
+            let walked = Rotation::default();
+            walked.failing.store(1, Relaxed); // as if one failed: the walk
+            // all healthy, then one failing out of its window: tickets go
+            // round the same either way
+            for (sub, now) in [(None, 5), (Some(n - 1), 5000)] {
+                if let Some(i) = sub {
+                    record(&s.rotation, &s.subs, i, false, 1, &mut f);
+                }
+                for t in 0..3 * n as u64 {
+                    let fast = rotation_start(&s.rotation, t, &s.subs, RULES.window_ms, now);
+                    let walk = rotation_start(&walked, t, &s.subs, RULES.window_ms, now);
+                    assert_eq!((fast, walk), ((t % n as u64) as usize, fast), "{n} {t}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -889,7 +996,7 @@ mod tests {
         assert_eq!(f.tried, vec![0]);
         let (i, mut walk) = f.parked.pop().unwrap();
         // the report comes later (in another process, in the module)
-        let o = done(walk.resume(i, false, &s.subs, RULES, 20, &mut f));
+        let o = done(walk.resume(i, false, &s.rotation, &s.subs, RULES, 20, &mut f));
         assert_eq!(f.tried, vec![0, 1]);
         assert_eq!((o.attempts, o.taken), (2, 1));
         assert_eq!(f.transitions, vec![(0, Transition::Failing)]);
@@ -906,7 +1013,7 @@ mod tests {
         f.asynchronous = vec![true, true];
         assert_eq!(s.start(&mut f, 10), Progress::Pending);
         let (i, mut walk) = f.parked.pop().unwrap();
-        let o = done(walk.resume(i, true, &s.subs, RULES, 11, &mut f));
+        let o = done(walk.resume(i, true, &s.rotation, &s.subs, RULES, 11, &mut f));
         assert!(o.delivered());
         assert_eq!(f.tried, vec![0]);
     }
@@ -920,7 +1027,7 @@ mod tests {
         let mut reports = 0;
         while progress == Progress::Pending {
             let (i, mut walk) = f.parked.pop().unwrap();
-            progress = walk.resume(i, false, &s.subs, RULES, 2, &mut f);
+            progress = walk.resume(i, false, &s.rotation, &s.subs, RULES, 2, &mut f);
             reports += 1;
         }
         assert_eq!(reports, 3);
@@ -937,7 +1044,7 @@ mod tests {
         assert_eq!(f.tried, vec![0, 1, 2]);
         assert_eq!((o.attempts, o.taken, o.delivered()), (3, 2, false));
         // the later report only updates health
-        record(&s.subs, 0, false, 2, &mut f);
+        record(&s.rotation, &s.subs, 0, false, 2, &mut f);
         assert_eq!(
             f.transitions,
             vec![(2, Transition::Failing), (0, Transition::Failing)]
@@ -961,7 +1068,7 @@ mod tests {
     ];
 
     fn hash_event(subs: &[Sub], value: &[u8], f: &mut Fake, now: u64) -> Outcome {
-        let rotation = AtomicU64::new(0);
+        let rotation = Rotation::default();
         done(deliver(
             Policy::Hash,
             &rotation,
@@ -1142,7 +1249,7 @@ mod tests {
     #[test]
     fn hash_without_the_value_rotates_like_round_robin() {
         let subs = hashed(&THREE);
-        let rotation = AtomicU64::new(0);
+        let rotation = Rotation::default();
         let mut f = Fake::new(&[true, true, true]);
         for _ in 0..6 {
             done(deliver(
@@ -1165,12 +1272,12 @@ mod tests {
         let order = hash_order(digest(b"k"), &seeds);
         let mut f = Fake::new(&[false, false, false]);
         f.asynchronous = vec![true, true, true];
-        let rotation = AtomicU64::new(0);
+        let rotation = Rotation::default();
         let mut progress = deliver(Policy::Hash, &rotation, Some(b"k"), &subs, RULES, 1, &mut f);
         while progress == Progress::Pending {
             let (i, mut walk) = f.parked.pop().unwrap();
             // the walk is resumed from a copy, as a chain in shm is
-            progress = walk.resume(i, false, &subs, RULES, 2, &mut f);
+            progress = walk.resume(i, false, &rotation, &subs, RULES, 2, &mut f);
         }
         assert_eq!(f.tried, order);
         assert!(!done(progress).delivered());

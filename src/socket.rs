@@ -29,9 +29,6 @@ impl Policy {
         Policy::Hash,
     ];
 
-    /// The policies written as a bare word (the C module's three).
-    pub const WORDS: [Policy; 3] = [Policy::Parallel, Policy::Failover, Policy::RoundRobin];
-
     pub fn name(self) -> &'static str {
         match self {
             Policy::Parallel => "PARALLEL",
@@ -52,11 +49,12 @@ impl Policy {
         }
     }
 
-    /// Exactly the upper-case name, as a whole token.
-    fn from_token(tok: &[u8]) -> Option<Policy> {
-        Policy::WORDS
+    /// The policy of exactly this upper-case name (a bare `HASH` token
+    /// never gets here: [`hash_key`] refuses it first).
+    fn named(name: &[u8]) -> Option<Policy> {
+        Policy::ALL
             .into_iter()
-            .find(|p| p.name().as_bytes() == tok)
+            .find(|p| p.name().as_bytes() == name)
     }
 }
 
@@ -199,9 +197,10 @@ pub fn parse(input: &[u8]) -> Result<Parsed<'_>, ParseError> {
     let key = hash_key(first)?;
     let policy = match key {
         Some(_) => Policy::Hash,
-        None => Policy::from_token(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?,
+        None => Policy::named(first).ok_or_else(|| ParseError::UnknownPolicy(quote(first)))?,
     };
-    let spool = crate::spool::config::take_options(&mut toks).map_err(ParseError::Option)?;
+    let spool = crate::spool::config::take_options(&mut toks, |n| Policy::named(n).is_some())
+        .map_err(ParseError::Option)?;
     let options = usize::from(spool.is_some());
     let mut subs = Vec::new();
     for token in toks {
@@ -372,6 +371,7 @@ pub fn release_all<T: Transports>(reg: &mut T, built: Opened<T>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::OptionError::{PolicyNotFirst, Unknown};
 
     fn toks<'a>(p: &'a Parsed<'a>) -> Vec<&'a [u8]> {
         p.subs.iter().map(|s| s.token).collect()
@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn parses_the_three_policies() {
-        for p in Policy::WORDS {
+        for p in Policy::ALL[..3].iter().copied() {
             let text = format!("{} udp:127.0.0.1:1", p.name());
             assert_eq!(parse(text.as_bytes()).unwrap().policy, p);
         }
@@ -440,6 +440,26 @@ mod tests {
             parse(b"HASH(callid)"),
             Err(ParseError::NoSubscribers(Policy::Hash))
         );
+    }
+
+    #[test]
+    fn a_policy_where_the_options_go_is_refused_as_one() {
+        for p in [
+            "HASH(callid)",
+            "PARALLEL(1)",
+            "FAILOVER(x)",
+            "ROUND-ROBIN()",
+        ] {
+            let text = format!("FAILOVER SPOOL(5) {p} udp:a:1");
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert_eq!(e, ParseError::Option(PolicyNotFirst(p.into())));
+            assert!(
+                e.to_string()
+                    .ends_with("is a policy: it must be the first token")
+            );
+        }
+        let e = parse(b"FAILOVER SPOOLX(5) udp:a:1").unwrap_err();
+        assert_eq!(e, ParseError::Option(Unknown("SPOOLX(5)".into())));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::sync::atomic::AtomicU64;
 
 use event_virtual::policy::{
-    Attempt, Driver, Health, Progress, Rules, Transition, deliver, int_text, seeds,
+    Attempt, Driver, Health, Progress, Rotation, Rules, Transition, deliver, int_text, seeds,
 };
 use event_virtual::socket::Policy;
 use event_virtual::spool::{Budget, Enter, Fifo, Held, Limits, Meta, Queue};
@@ -79,7 +79,7 @@ fn delivering_allocates_nothing() {
         .into_iter()
         .map(|s| Sub(Health::seeded(s)))
         .collect();
-    let rotation = AtomicU64::new(0);
+    let rotation = Rotation::default();
     let patterns: [&[bool]; 3] = [
         &[true; 8],
         &[false, true, false, true, true, true, true, true],

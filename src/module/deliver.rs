@@ -340,8 +340,8 @@ impl Report for Chain {
         let dummy = DummyMsg::new();
         let mut driver = CoreDriver::new(sock, None, Some(chain.event.clone()), dummy.msg());
         driver.lease = chain.lease;
-        let (rules, now) = (shared::rules(), now_ms());
-        match walk.resume(chain.current, ok, sock.subs(), rules, now, &mut driver) {
+        let (rules, now, rot) = (shared::rules(), now_ms(), &sock.rotation);
+        match walk.resume(chain.current, ok, rot, sock.subs(), rules, now, &mut driver) {
             Progress::Pending => {}
             Progress::Done(out) => {
                 driver.settle(out);
@@ -352,8 +352,9 @@ impl Report for Chain {
 
 impl Report for Probe {
     fn report(probe: ShmRc<Probe>, ok: bool) {
-        let mut driver = CoreDriver::new(&probe.sock, None, probe.held.clone(), Msg::none());
-        policy::record(probe.sock.subs(), probe.index, ok, now_ms(), &mut driver);
+        let (sock, i) = (&probe.sock, probe.index);
+        let mut driver = CoreDriver::new(sock, None, probe.held.clone(), Msg::none());
+        policy::record(&sock.rotation, sock.subs(), i, ok, now_ms(), &mut driver);
         if let Some(token) = probe.lease {
             spool::finish(&probe.sock, probe.index, token, ok);
         } else if !ok && probe.held.is_some() {
@@ -388,7 +389,7 @@ pub fn replay(sock: &SockRef, qi: usize, event: EventCopy, token: u64) -> Attemp
         } else {
             sub.raise(&held) == 0
         };
-        policy::record(sock.subs(), qi, ok, now_ms(), &mut driver);
+        policy::record(&sock.rotation, sock.subs(), qi, ok, now_ms(), &mut driver);
         return if ok {
             Attempted::Delivered
         } else {

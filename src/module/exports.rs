@@ -12,12 +12,12 @@ use super::shared::{
 };
 use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
-use crate::opensips::{shm_total, spool};
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, Gauge, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stats,
-    Table, gauge_export, spool_params,
+    Commands, Exports, Gauge, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stats, Table,
+    gauge_export, spool_params,
 };
+use crate::opensips::{shm_total, spool};
 use crate::socket::VIRTUAL_PROTO;
 
 /// `failover_timeout` when the configuration does not set it, in seconds.

@@ -11,8 +11,7 @@ use crate::opensips::mi::{Full, Handler, Item, Params, Response};
 use crate::opensips::now_ms;
 use crate::policy::{self, State};
 use crate::socket::{self, Policy};
-use crate::spool::{Reason, wake};
-use std::sync::atomic::Ordering;
+use crate::spool::Reason;
 
 /// Every subscription's event, socket and expire time, copied out while
 /// its event's subscriber list was locked; the references keep the sockets
@@ -54,8 +53,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
         }
         if sock.policy == Policy::RoundRobin {
             // the ticket the next event takes, placed as delivery will
-            let ticket = sock.rotation.load(Ordering::Relaxed);
-            let next = policy::rotation_start(ticket, sock.subs(), window, now);
+            let next = sock.rotation.next(sock.subs(), window, now);
             o.number("next", next as f64)?;
         }
         let queues = sock.queues();
@@ -65,7 +63,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
             o.number("spool_max_age", (l.max_age_ms / 1000) as f64)?;
             if sock.policy != Policy::Parallel {
                 let states = sock.subs().iter().map(|s| s.health.state(now, window));
-                spool_view(&o, q, now, wake::eligible_at(now, states))?;
+                spool_view(&o, q, now, policy::eligible_at(now, states))?;
             }
         }
         let subs = o.array("Subscribers")?;
@@ -74,7 +72,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
             if sock.policy == Policy::Parallel
                 && let Some(q) = queues.get(i)
             {
-                let eligible = wake::eligible_at(now, [s.health.state(now, window)]);
+                let eligible = policy::eligible_at(now, [s.health.state(now, window)]);
                 spool_view(&so, q, now, eligible)?;
             }
             so.string("socket", sock.token(s))?;

@@ -13,9 +13,10 @@ use crate::opensips::futex;
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
 use crate::opensips::shm::ShmList;
+use crate::policy;
 use crate::socket::Policy;
 use crate::spool::replay::{self, Attempted, Replayer};
-use crate::spool::wake::{self, IDLE_MS, sleep_ms};
+use crate::spool::wake::{IDLE_MS, sleep_ms};
 use crate::spool::{Lease, Report};
 
 /// The operator's retry (MI): queues of `event` (or all), `all` or one
@@ -109,7 +110,7 @@ impl Replayer<ShmList<super::held::Holding>> for Replay<'_> {
             Policy::Parallel => &sock.subs()[qi..=qi],
             _ => sock.subs(),
         };
-        wake::eligible_at(now_ms, subs.iter().map(|s| s.health.state(now_ms, window)))
+        policy::eligible_at(now_ms, subs.iter().map(|s| s.health.state(now_ms, window)))
     }
 
     fn episode(&mut self, q: usize, report: Report) {

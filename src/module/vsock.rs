@@ -26,36 +26,39 @@
 use std::cell::UnsafeCell;
 use std::ops::Deref;
 use std::ptr::{self, NonNull, null_mut};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 
 use crate::opensips::evi::{CoreSock, reply_sock};
 use crate::opensips::evi_reply_sock;
 use crate::opensips::shm::{ShmRc, Tail, tail_offset};
 use crate::opensips::str::{self, str_};
 use crate::opensips::transport::{SubSocket, Transport};
-use crate::policy::{self, Health};
+use crate::policy::{self, Health, Rotation};
 use crate::socket::{self, ParseError, Policy, Transports, VIRTUAL_PROTO};
 use crate::spool::SpoolOption;
 
 use super::held::Queue;
 
+#[repr(C)]
 pub struct VSock {
     /// What the core holds; it writes flags, expire and subscription time
     /// under its event lock while raises read the rest of the block.
     reply: UnsafeCell<evi_reply_sock>,
     pub policy: Policy,
-    n: u32,
-    pub rotation: AtomicU64,
+    /// Subscribers, and spool queues after them (0: no spool); u16s, so
+    /// that the block is no larger for the rotation's count.
+    n: u16,
+    q: u16,
+    pub rotation: Rotation,
     /// HASH: set once an event without the parameter has been logged.
     pub unkeyed_said: AtomicBool,
-    /// Spool queues after the Subs; 0: no spool.
-    q: u32,
     /// The `SPOOL(...)` option the socket was made with.
     pub spool: Option<SpoolOption>,
 }
 
 /// One subscriber: its transport's socket, where its token is in the
 /// printed text, its health.
+#[repr(C)]
 pub struct Sub {
     pub sock: SubSocket,
     token_off: u32,
@@ -69,6 +72,9 @@ impl AsRef<Health> for Sub {
     }
 }
 
+// the core reads the block as its evi_reply_sock
+const _: () = assert!(std::mem::offset_of!(VSock, reply) == 0);
+const _: () = assert!(socket::MAX_SUBSCRIBERS <= u16::MAX as usize);
 // the Subs start the payload, which is aligned for a usize
 const _: () = assert!(align_of::<Sub>() <= align_of::<usize>());
 const _: () = assert!(tail_offset::<VSock>().is_multiple_of(align_of::<usize>()));
@@ -84,7 +90,9 @@ impl Tail for VSock {
         unsafe { ptr::drop_in_place(subs) }
         // close (unsubscribe) and finish emptied the queues; a queue that
         // still held events would free them here
-        let queues = tail.as_ptr().wrapping_add(self.n as usize * size_of::<Sub>());
+        let queues = tail
+            .as_ptr()
+            .wrapping_add(self.n as usize * size_of::<Sub>());
         let queues = ptr::slice_from_raw_parts_mut(queues.cast::<Queue>(), self.q as usize);
         // SAFETY: open placed q Queues after the Subs, dropped once, here.
         unsafe { ptr::drop_in_place(queues) }
@@ -128,11 +136,11 @@ impl SockRef {
         let head = VSock {
             reply: UnsafeCell::new(reply_sock(str::EMPTY, null_mut())),
             policy: parsed.policy,
-            // socket.rs caps it at MAX_SUBSCRIBERS
-            n: subs.len() as u32,
-            rotation: AtomicU64::new(0),
+            // socket.rs caps both at MAX_SUBSCRIBERS
+            n: subs.len() as u16,
+            q: q as u16,
+            rotation: Rotation::default(),
             unkeyed_said: AtomicBool::new(false),
-            q: q as u32,
             spool: parsed.spool,
         };
         // HASH's rendezvous seeds (the other policies ignore them)

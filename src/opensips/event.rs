@@ -19,7 +19,6 @@ impl Msg {
     pub fn none() -> Msg {
         Msg(null_mut())
     }
-
 }
 
 /// The core's dummy SIP message, for raises that no SIP message is
@@ -195,6 +194,9 @@ impl EventCopy {
     /// The sizes of its shared-memory blocks: the copy with the name, and
     /// the parameters (0 without).
     pub fn blocks(&self) -> [usize; 2] {
-        [tail_offset::<Copied>() + self.0.tail_len(), self.0.params_size]
+        [
+            tail_offset::<Copied>() + self.0.tail_len(),
+            self.0.params_size,
+        ]
     }
 }

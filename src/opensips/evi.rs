@@ -88,7 +88,11 @@ impl TransportExport {
 
 pub(super) type Visitor<'v> = &'v mut dyn FnMut(&[u8], CoreSock<'_>, Option<u32>);
 
-pub(super) unsafe extern "C" fn visit_one(arg: *mut c_void, event: *const str_, sock: *mut evi_reply_sock) {
+pub(super) unsafe extern "C" fn visit_one(
+    arg: *mut c_void,
+    event: *const str_,
+    sock: *mut evi_reply_sock,
+) {
     entry("subscription walk", (), || {
         // SAFETY: arg is walk_subscriptions' visitor; event and sock are the
         // core's, valid and locked for this call.

@@ -45,6 +45,7 @@ pub const fn tail_offset<T>() -> usize {
 /// One block holding `value` and `tail_len` payload bytes, zeroed and then
 /// written by `fill`; None when out of shared memory.
 fn alloc<T>(value: T, tail_len: usize, fill: impl FnOnce(&mut [u8])) -> Option<NonNull<Block<T>>> {
+    const { assert!(std::mem::offset_of!(Block<T>, value) == 0) };
     let size = tail_offset::<T>().checked_add(tail_len)?;
     // SAFETY: a plain allocation, checked below.
     let block = NonNull::new(unsafe { shm_malloc(size) }.cast::<Block<T>>())?;

@@ -6,8 +6,8 @@ use std::ffi::{c_int, c_void};
 use std::ptr::{NonNull, null_mut};
 
 use super::entry;
-use super::evi::{CoreSock, Visitor, visit_one};
 use super::event::Event;
+use super::evi::{CoreSock, Visitor, visit_one};
 use super::shm::{ShmRc, Tail};
 use super::str::{self, str_};
 use super::sys::{self, evi_async_ctx_t, evi_export_t, evi_reply_sock};

@@ -234,16 +234,15 @@ pub fn is_option(tok: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
 }
 
-/// Parse one option token (see [`is_option`]).
-pub fn parse_option(tok: &[u8]) -> Result<SpoolOption, OptionError> {
+/// Parse one option token (see [`is_option`]); a name `is_policy` knows
+/// is a misplaced policy.
+pub fn parse_option(tok: &[u8], is_policy: fn(&[u8]) -> bool) -> Result<SpoolOption, OptionError> {
     let q = || quote(tok);
     let open = tok.iter().position(|&b| b == b'(').unwrap_or(tok.len());
     let (name, args) = (&tok[..open], tok.get(open + 1..tok.len().saturating_sub(1)));
     match name {
         b"SPOOL" => {}
-        b"HASH" | b"PARALLEL" | b"FAILOVER" | b"ROUND-ROBIN" => {
-            return Err(OptionError::PolicyNotFirst(q()));
-        }
+        _ if is_policy(name) => return Err(OptionError::PolicyNotFirst(q())),
         _ => return Err(OptionError::Unknown(q())),
     }
     let args = args.filter(|_| tok.ends_with(b")")).unwrap_or_default();
@@ -280,14 +279,17 @@ fn number(s: &[u8]) -> Option<u64> {
 
 /// Take the option tokens that follow the policy off `tokens`, leaving the
 /// first subscriber next.  This is the call the socket parser makes right
-/// after it has read the policy.
-pub fn take_options<'a, I>(tokens: &mut Peekable<I>) -> Result<Option<SpoolOption>, OptionError>
+/// after it has read the policy, telling the policies' names.
+pub fn take_options<'a, I>(
+    tokens: &mut Peekable<I>,
+    is_policy: fn(&[u8]) -> bool,
+) -> Result<Option<SpoolOption>, OptionError>
 where
     I: Iterator<Item = &'a [u8]>,
 {
     let mut spool = None;
     while let Some(tok) = tokens.next_if(|t| is_option(t)) {
-        let o = parse_option(tok)?;
+        let o = parse_option(tok, is_policy)?;
         if spool.replace(o).is_some() {
             return Err(OptionError::Duplicate(quote(tok)));
         }
@@ -299,9 +301,14 @@ where
 mod tests {
     use super::*;
 
+    /// The socket parser's test, as far as these tests go.
+    fn hash(name: &[u8]) -> bool {
+        name == b"HASH"
+    }
+
     fn opt(s: &str) -> Result<SpoolOption, OptionError> {
         assert!(is_option(s.as_bytes()), "{s} is not option-shaped");
-        parse_option(s.as_bytes())
+        parse_option(s.as_bytes(), hash)
     }
 
     #[test]
@@ -380,17 +387,17 @@ mod tests {
     fn takes_options_between_policy_and_subscribers() {
         let text: Vec<&[u8]> = vec![b"SPOOL(9)", b"udp:a:1", b"SPOOL(3)"];
         let mut it = text.into_iter().peekable();
-        let o = take_options(&mut it).unwrap();
+        let o = take_options(&mut it, hash).unwrap();
         assert_eq!(o.map(|o| o.size), Some(9));
         // the subscribers are left, a later option-shaped token included
         // (the subscriber parser refuses it)
         assert_eq!(it.next(), Some(&b"udp:a:1"[..]));
         let mut none = [&b"udp:a:1"[..]].into_iter().peekable();
-        assert_eq!(take_options(&mut none), Ok(None));
+        assert_eq!(take_options(&mut none, hash), Ok(None));
         assert_eq!(none.count(), 1);
         let mut twice = [&b"SPOOL(1)"[..], b"SPOOL(2)"].into_iter().peekable();
         assert_eq!(
-            take_options(&mut twice),
+            take_options(&mut twice, hash),
             Err(OptionError::Duplicate("SPOOL(2)".into()))
         );
     }
@@ -401,7 +408,7 @@ mod tests {
             let o = SpoolOption { size, max_age_s: age };
             let text = o.to_string();
             proptest::prop_assert!(is_option(text.as_bytes()));
-            proptest::prop_assert_eq!(parse_option(text.as_bytes()), Ok(o));
+            proptest::prop_assert_eq!(parse_option(text.as_bytes(), hash), Ok(o));
         }
 
         #[test]
@@ -412,7 +419,7 @@ mod tests {
             // safely for a log line; a token with a ':' is never an option
             if is_option(&tok) {
                 proptest::prop_assert!(!tok.contains(&b':'));
-                if let Err(e) = parse_option(&tok) {
+                if let Err(e) = parse_option(&tok, hash) {
                     let text = e.to_string();
                     proptest::prop_assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)));
                 }
@@ -423,8 +430,8 @@ mod tests {
         fn option_shaped_text_round_trips(name in "[A-Z]{1,6}", args in "[0-9,]{0,12}") {
             let tok = format!("{name}({args})");
             proptest::prop_assert!(is_option(tok.as_bytes()));
-            if let Ok(o) = parse_option(tok.as_bytes()) {
-                proptest::prop_assert_eq!(parse_option(o.to_string().as_bytes()), Ok(o));
+            if let Ok(o) = parse_option(tok.as_bytes(), hash) {
+                proptest::prop_assert_eq!(parse_option(o.to_string().as_bytes(), hash), Ok(o));
             }
         }
     }

@@ -116,7 +116,12 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         let me = std::env::current_exe().unwrap();
         let out = std::process::Command::new(me)
-            .args(["--ignored", "--exact", "--nocapture", "spool::lock::tests::panic_under_the_lock"])
+            .args([
+                "--ignored",
+                "--exact",
+                "--nocapture",
+                "spool::lock::tests::panic_under_the_lock",
+            ])
             .output()
             .unwrap();
         // killed by SIGABRT: the unlock that would publish `2` never ran

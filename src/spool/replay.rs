@@ -41,7 +41,7 @@ pub trait Replayer<F: Fifo> {
     /// PARALLEL one.  No lock is held.
     fn attempt(&mut self, q: usize, lease: &Lease<<F::Item as Held>::Event>) -> Attempted;
     /// When the first subscriber that could take queue `q`'s head is out
-    /// of its failover window ([`super::wake::eligible_at`]).
+    /// of its failover window ([`crate::policy::eligible_at`]).
     fn eligible_at(&self, q: usize, now_ms: u64) -> u64;
     /// A drop episode of queue `q` to log, once.
     fn episode(&mut self, q: usize, report: Report);

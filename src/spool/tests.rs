@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{Health, State};
+use crate::policy::{Health, State, eligible_at};
 use crate::spool::episode;
 use crate::spool::queue::View;
-use crate::spool::wake::{due_at, eligible_at, next_wake};
+use crate::spool::wake::{due_at, next_wake};
 
 // ---- test doubles ----------------------------------------------------------
 
@@ -288,10 +288,7 @@ fn old_events_are_dropped_not_replayed() {
 fn the_budget_is_shared_and_each_queue_pays_from_its_own() {
     let heap = Heap::default();
     let budget = Budget::new(100);
-    let (q1, q2) = (
-        Q::new(limits(10, 0)),
-        Q::new(limits(10, 0)),
-    );
+    let (q1, q2) = (Q::new(limits(10, 0)), Q::new(limits(10, 0)));
     let push = |q: &Q, bytes| {
         let p = q.push(heap.alloc(bytes, 0), Enter::Failed, &budget, 0);
         (p.entry, p.evicted.len())
@@ -352,7 +349,9 @@ fn unsubscribing_drops_what_is_held_and_the_one_in_flight_when_it_settles() {
         } else {
             assert_eq!(
                 f,
-                Finish::Dropped { free: l.event.clone() }
+                Finish::Dropped {
+                    free: l.event.clone()
+                }
             );
         }
         drop((l, f));
@@ -846,7 +845,7 @@ struct Side {
     policy: Policy,
     heap: Heap,
     health: Vec<Sub>,
-    rotation: AtomicU64,
+    rotation: policy::Rotation,
     rx: Receivers,
     window_ms: u64,
     now: u64,
@@ -881,7 +880,7 @@ impl Socket {
                 policy,
                 heap: Heap::default(),
                 health: (0..n).map(|_| Sub(Health::default())).collect(),
-                rotation: AtomicU64::new(0),
+                rotation: policy::Rotation::default(),
                 rx: Receivers {
                     up: vec![true; n],
                     got: vec![vec![]; n],
@@ -926,7 +925,7 @@ impl Socket {
                 if ok {
                     s.rx.got[i].push(id);
                 }
-                policy::record(&s.health, i, ok, s.now, &mut s.rx);
+                policy::record(&s.rotation, &s.health, i, ok, s.now, &mut s.rx);
                 if !ok {
                     let _ = self.hold(i, id, Enter::Failed);
                 }
@@ -1018,7 +1017,7 @@ impl Replayer<VecDeque<Ev>> for Side {
         }
         let ok = if self.policy == Policy::Parallel {
             let ok = self.take(q, id);
-            policy::record(&self.health, q, ok, self.now, &mut self.rx);
+            policy::record(&self.rotation, &self.health, q, ok, self.now, &mut self.rx);
             ok
         } else {
             let rules = Rules {

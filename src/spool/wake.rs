@@ -5,8 +5,9 @@
 //! due when both hold:
 //!
 //! - some subscriber that could take its head is out of its failover
-//!   window ([`eligible_at`]): for a PARALLEL queue its one subscriber, for
-//!   the other policies any of the socket's subscribers;
+//!   window (the module asks `policy::eligible_at`, and passes the time
+//!   in): for a PARALLEL queue its one subscriber, for the other policies
+//!   any of the socket's subscribers;
 //! - its own retry floor has passed (`retry_at`, set `spool_retry_interval`
 //!   after the queue's last failed attempt): with `failover_timeout` 0 no
 //!   window ever holds a subscriber back, and the floor alone keeps the
@@ -17,8 +18,6 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::policy::State;
-
 /// A queue's figures for [`due_at`], from [`super::Queue::due`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Due {
@@ -28,19 +27,6 @@ pub struct Due {
     pub retry_at_ms: u64,
     /// The operator asked for a retry now.
     pub forced: bool,
-}
-
-/// When the first of these subscribers is out of its window (`now_ms` if
-/// one already is, or if there are none).
-pub fn eligible_at(now_ms: u64, states: impl IntoIterator<Item = State>) -> u64 {
-    states
-        .into_iter()
-        .map(|s| match s {
-            State::Healthy | State::Failing => now_ms,
-            State::Skipped { for_ms } => now_ms.saturating_add(for_ms),
-        })
-        .min()
-        .unwrap_or(now_ms)
 }
 
 /// When the queue should be tried next; None when there is nothing to try
@@ -85,22 +71,13 @@ pub fn sleep_ms(now_ms: u64, next: Option<u64>, idle_ms: u64) -> u64 {
 pub struct Doorbell(AtomicU32);
 
 impl Doorbell {
-    /// Ring; returns the new value.
-    pub fn ring(&self) -> u32 {
-        self.0.fetch_add(1, Ordering::Release).wrapping_add(1)
+    pub fn ring(&self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 
     /// The value to sleep on.
     pub fn value(&self) -> u32 {
         self.0.load(Ordering::Acquire)
-    }
-
-    /// Whether it rang since `seen` was read, updating `seen`.
-    pub fn rang_since(&self, seen: &mut u32) -> bool {
-        let now = self.value();
-        let rang = now != *seen;
-        *seen = now;
-        rang
     }
 
     /// The word itself, for the futex.
@@ -121,18 +98,6 @@ mod tests {
             retry_at_ms,
             forced: false,
         }
-    }
-
-    #[test]
-    fn eligible_when_the_first_window_ends() {
-        let s = [
-            State::Skipped { for_ms: 300 },
-            State::Skipped { for_ms: 100 },
-        ];
-        assert_eq!(eligible_at(1000, s), 1100);
-        assert_eq!(eligible_at(1000, [s[0], State::Failing]), 1000);
-        assert_eq!(eligible_at(1000, [State::Healthy]), 1000);
-        assert_eq!(eligible_at(1000, []), 1000);
     }
 
     #[test]
@@ -164,12 +129,9 @@ mod tests {
     #[test]
     fn the_doorbell_counts_rings() {
         let d = Doorbell::default();
-        let mut seen = d.value();
-        assert!(!d.rang_since(&mut seen));
         d.ring();
         d.ring();
-        assert!(d.rang_since(&mut seen));
-        assert!(!d.rang_since(&mut seen));
+        assert_eq!(d.value(), 2);
         assert_eq!(d.word().load(Ordering::Relaxed), 2);
     }
 }
