@@ -21,9 +21,9 @@ pub mod text;
 mod module;
 #[cfg(all(opensips, not(test)))]
 mod opensips;
-#[cfg(not(all(opensips, not(test))))]
+#[cfg(test)]
 #[path = "opensips/shm.rs"]
-pub mod shm;
+mod shm;
 
 /// What OpenSIPS looks up by name when it loads the module; declared in
 /// `module::exports`.  It is defined here because rustc exports only
