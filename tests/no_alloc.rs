@@ -7,7 +7,6 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::AtomicU64;
 
 use event_virtual::policy::{
     Attempt, Driver, Health, Progress, Rotation, Rules, Transition, deliver, int_text, seeds,
