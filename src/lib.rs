@@ -22,6 +22,7 @@ mod module;
 #[cfg(all(opensips, not(test)))]
 mod opensips;
 #[cfg(test)]
+#[allow(dead_code)] // what only the module's layouts use
 #[path = "opensips/shm.rs"]
 mod shm;
 
