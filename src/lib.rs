@@ -9,17 +9,15 @@
 //! every `unsafe` line), and `module` is the transport built on them; see
 //! `doc/architecture.md`.
 
-pub mod boundary;
+pub mod opensips;
 pub mod policy;
 pub mod socket;
 pub mod spool;
 pub mod text;
 
-// the unit tests never need OpenSIPS, so they do not link the boundary
+// the unit tests never need OpenSIPS, so they do not link the core
 #[cfg(all(opensips, not(test)))]
 mod module;
-#[cfg(all(opensips, not(test)))]
-mod opensips;
 
 /// What OpenSIPS looks up by name when it loads the module; declared in
 /// `module::exports`.  It is defined here because rustc exports only

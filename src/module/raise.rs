@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::fmt;
 use std::sync::atomic::Ordering;
 
 use super::chain;
@@ -14,8 +15,9 @@ use crate::opensips::event::{Event, EventCopy, Msg, ParamValue};
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
 use crate::policy::{self, Attempt, Driver, Outcome, Progress, Transition, Walk};
-use crate::socket::{self, Policy};
+use crate::socket::Policy;
 use crate::spool::Enter;
+use crate::text::Quoted;
 
 /// The core's raise: 0 when delivered or accepted, to report later.
 pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
@@ -73,9 +75,9 @@ fn hash_value<'a>(sock: &SockRef, event: &Event<'a>, buf: &'a mut [u8; 11]) -> O
             log!(
                 WARN,
                 "event '{}' has no parameter '{}': 'virtual:{}' spreads such events round-robin (said once)",
-                socket::quote(event.name()),
-                socket::quote(key),
-                socket::quote(sock.text())
+                Quoted(event.name()),
+                Quoted(key),
+                Quoted(sock.text())
             );
         }
     }
@@ -130,12 +132,8 @@ impl<'a> CoreDriver<'a> {
         }
     }
 
-    pub fn describe(&self, i: usize) -> String {
-        format!(
-            "subscriber '{}' of 'virtual:{}'",
-            socket::quote(self.sock.token(&self.sock.subs()[i])),
-            socket::quote(self.sock.text())
-        )
+    pub fn describe(&self, i: usize) -> Described<'_> {
+        Described(self.sock.token(&self.sock.subs()[i]), self.sock.text())
     }
 
     /// The event as a chain keeps it.
@@ -193,21 +191,16 @@ impl<'a> CoreDriver<'a> {
             // a PARALLEL subscriber that fails is reported once, as it
             // starts failing; an event no subscriber took is lost, and said
             // every time
+            let name = Quoted(self.event().map(|e| e.name()).unwrap_or_default());
+            let text = Quoted(self.sock.text());
             match out.policy {
-                Policy::Parallel => log!(DBG, "{}", self.lost()),
-                _ => log!(ERR, "{}", self.lost()),
+                Policy::Parallel => {
+                    log!(DBG, "event '{name}' was not delivered by 'virtual:{text}'")
+                }
+                _ => log!(ERR, "event '{name}' was not delivered by 'virtual:{text}'"),
             }
         }
         out.delivered()
-    }
-
-    fn lost(&self) -> String {
-        let name = self.event().map(|e| e.name()).unwrap_or_default();
-        format!(
-            "event '{}' was not delivered by 'virtual:{}'",
-            socket::quote(name),
-            socket::quote(self.sock.text())
-        )
     }
 }
 
@@ -269,5 +262,15 @@ fn count(out: Outcome) {
         INCOMPLETE.add((out.taken > 0 && !delivered).into());
     } else {
         FAILOVERS.add(out.attempts.saturating_sub(1));
+    }
+}
+
+/// `subscriber '<token>' of 'virtual:<text>'`, as a log line names it.
+pub struct Described<'a>(&'a [u8], &'a [u8]);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (token, text) = (Quoted(self.0), Quoted(self.1));
+        write!(f, "subscriber '{token}' of 'virtual:{text}'")
     }
 }
