@@ -26,24 +26,3 @@ mod module;
 #[unsafe(no_mangle)]
 #[allow(non_upper_case_globals)]
 pub static exports: opensips::module::Exports = module::exports::EXPORTS;
-
-/// mod_init's Rust half, called by the shim's `evv_mod_init`.
-#[cfg(all(opensips, not(test)))]
-#[unsafe(no_mangle)]
-pub extern "C" fn evv_rs_init() -> std::ffi::c_int {
-    opensips::entry("mod_init", -1, module::exports::init)
-}
-
-/// destroy's Rust half, called by the shim's `evv_destroy`.
-#[cfg(all(opensips, not(test)))]
-#[unsafe(no_mangle)]
-pub extern "C" fn evv_rs_destroy() {
-    opensips::entry("destroy", (), module::spool::shutdown)
-}
-
-/// The spool's replay process, called by the shim's process export.
-#[cfg(all(opensips, not(test)))]
-#[unsafe(no_mangle)]
-pub extern "C" fn evv_rs_spool_proc() {
-    opensips::entry("spool process", (), || module::spool::run())
-}

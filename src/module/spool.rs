@@ -35,8 +35,8 @@ pub struct Shared {
 static SHARED: OnceLock<&'static Shared> = OnceLock::new();
 
 /// mod_init: check the modparams and make the shared block.
-pub fn init() -> Result<(), String> {
-    let config = held::modparams().check(held::shm_total())?;
+pub fn init(params: crate::spool::ModParams) -> Result<(), String> {
+    let config = params.check(held::shm_total())?;
     let shared = held::leak(Shared {
         budget: Budget::new(config.budget_bytes),
         doorbell: Doorbell::default(),

@@ -73,7 +73,7 @@ pub fn entry<R>(name: &str, failure: R, body: impl FnOnce() -> R) -> R {
 #[cfg(all(opensips, not(test)))]
 /// Report panics through the log: `entry` adds the message, and the default
 /// hook would print to a stderr OpenSIPS may have closed.
-pub fn log_panics() {
+fn log_panics() {
     std::panic::set_hook(Box::new(|info| match info.location() {
         Some(l) => log!(ERR, "Rust panic at {}:{}", l.file(), l.line()),
         None => log!(ERR, "Rust panic"),

@@ -1,9 +1,7 @@
-//! What the spool (issue 10) needs from OpenSIPS: its modparams, the size
-//! of shared memory, a module-wide block in shared memory, held events
+//! What the spool (issue 10) needs from OpenSIPS: the size of shared memory, a module-wide block in shared memory, held events
 //! (shm copies of an event with the queue's link in their header), and a
 //! futex to sleep on in the replay process.
 
-use std::ffi::CStr;
 use std::mem::{align_of, size_of};
 use std::ptr::{self, NonNull, null_mut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -11,24 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use super::event::{Event, Msg};
 use super::str::{self, str_};
 use super::sys::{self, evi_params_t};
-use crate::spool::{Handle, Meta, ModParams, Nodes, held_event_bytes};
-
-/// The spool's modparams, as the core set them (read in mod_init).
-pub fn modparams() -> ModParams {
-    // SAFETY: the shim's modparam globals, written by the core while it
-    // read the configuration, before mod_init; only read afterwards.
-    unsafe {
-        let mem = sys::evv_spool_max_memory;
-        let retry = sys::evv_spool_retry_interval;
-        ModParams {
-            spool_size: sys::evv_spool_size.into(),
-            spool_max_age: sys::evv_spool_max_age.into(),
-            spool_max_memory: (!mem.is_null())
-                .then(|| CStr::from_ptr(mem).to_string_lossy().into_owned()),
-            spool_retry_interval: (retry != -1).then_some(retry.into()),
-        }
-    }
-}
+use crate::spool::{Handle, Meta, Nodes, held_event_bytes};
 
 /// The size of OpenSIPS's shared memory, bytes.
 pub fn shm_total() -> u64 {
