@@ -46,9 +46,9 @@ core_only! {
 pub mod guard;
 pub mod line;
 
-#[cfg(all(opensips, not(test)))]
 /// Milliseconds on the monotonic clock, which every process of the server
 /// shares (unlike `Instant`, it can be stored in shared memory).
+#[cfg(all(opensips, not(test)))]
 pub fn now_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -59,9 +59,9 @@ pub fn now_ms() -> u64 {
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
 }
 
-#[cfg(all(opensips, not(test)))]
 /// Run the body of an entry point the core calls; a panic is logged and
 /// becomes `failure`.
+#[cfg(all(opensips, not(test)))]
 pub fn entry<R>(name: &str, failure: R, body: impl FnOnce() -> R) -> R {
     guard::guard(
         failure,
@@ -70,9 +70,9 @@ pub fn entry<R>(name: &str, failure: R, body: impl FnOnce() -> R) -> R {
     )
 }
 
-#[cfg(all(opensips, not(test)))]
 /// Report panics through the log: `entry` adds the message, and the default
 /// hook would print to a stderr OpenSIPS may have closed.
+#[cfg(all(opensips, not(test)))]
 fn log_panics() {
     std::panic::set_hook(Box::new(|info| match info.location() {
         Some(l) => log!(ERR, "Rust panic at {}:{}", l.file(), l.line()),
