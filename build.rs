@@ -80,7 +80,8 @@ fn main() {
         )
         .clang_args(clang_args)
         .allowlist_type("module_exports")
-        .allowlist_type("(param|stat|mi)_export_t")
+        .allowlist_type("(param|stat|mi|proc)_export_t")
+        .allowlist_var("PROC_FLAG_INITCHILD")
         .allowlist_var("INT_PARAM")
         .allowlist_var("STR_PARAM")
         .allowlist_var("STAT_(IS_FUNC|NO_RESET)")
@@ -98,8 +99,6 @@ fn main() {
         .allowlist_function("get_mi_(string|int)_param")
         .allowlist_function("free_mi_response")
         .allowlist_function("evv_.*")
-        // defined in Rust (src/lib.rs)
-        .blocklist_function("evv_rs_.*")
         .allowlist_var("evv_.*")
         .allowlist_var("EVI_.*")
         .allowlist_type("evv_log_level")
@@ -167,12 +166,17 @@ fn tree_flags(src: &Path, manifest: &Path) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .map(String::from)
         .collect();
-    if !flags.iter().any(|f| f.starts_with("-DVERSION=")) {
+    let Some(version) = flags.iter().find_map(|f| f.strip_prefix("-DVERSION=")) else {
         fail(&format!(
             "{} gave no -DVERSION definition: is it an OpenSIPS tree?",
             src.display()
         ));
-    }
+    };
+    // the release alone, as `3.6.8`, for the module's start-up line
+    println!(
+        "cargo:rustc-env=EVV_OPENSIPS_VERSION={}",
+        version.trim_matches('"')
+    );
     flags
 }
 

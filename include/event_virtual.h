@@ -5,8 +5,9 @@
  * The shim holds only what needs OpenSIPS's macros: the version strings,
  * the LM_* log macros, shm_malloc/shm_free, update_stat and the locked
  * walk over the core's events.  The module's declaration (parameters,
- * statistics, MI commands, the transport, `exports`) is in Rust
- * (src/module/exports.rs).  Both sides include nothing else from each other.
+ * statistics, MI commands, process, transport, init and destroy,
+ * `exports`) is in Rust (src/module/exports.rs).  C calls nothing in Rust
+ * but through the pointers that declaration gives the core.
  */
 #ifndef EVENT_VIRTUAL_SHIM_H
 #define EVENT_VIRTUAL_SHIM_H
@@ -25,11 +26,6 @@ extern const char evv_full_version[];
 extern const char evv_compile_flags[];
 extern const char evv_scm_type[];
 extern const char evv_scm_rev[];
-
-/* mod_init and destroy: they log the core's usual lines, then mod_init
- * hands over to evv_rs_init */
-int evv_mod_init(void);
-void evv_destroy(void);
 
 /* log levels, the values of OpenSIPS's L_* constants */
 enum evv_log_level {
@@ -75,23 +71,8 @@ enum evv_param_kind {
 int evv_param_value(const evi_params_t *params, const char *name,
 	int name_len, const char **s, int *len, int *n);
 
-/* the spool (issue 10): its modparams, the size of shared memory, the
- * size of evi_dup_shm_params' copy, the replay process's export */
-extern int evv_spool_size;
-extern int evv_spool_max_age;
-extern int evv_spool_retry_interval;
-extern char *evv_spool_max_memory;
+/* the size of shared memory, and of evi_dup_shm_params' copy */
 unsigned long evv_shm_total(void);
 size_t evv_params_size(const evi_params_t *params);
-extern const proc_export_t evv_procs[];
-
-/* ---- defined in Rust (src/lib.rs), used by C ---- */
-
-/* the module's initialisation, after the modparams are set; 0 on success */
-int evv_rs_init(void);
-/* destroy's Rust half: the held events' count */
-void evv_rs_destroy(void);
-/* the spool's replay process; never returns */
-void evv_rs_spool_proc(void);
 
 #endif

@@ -9,22 +9,15 @@
 //! every `unsafe` line), and `module` is the transport built on them; see
 //! `doc/architecture.md`.
 
-pub mod boundary;
+pub mod opensips;
 pub mod policy;
 pub mod socket;
 pub mod spool;
 pub mod text;
 
-// the unit tests never need OpenSIPS, so they do not link the boundary;
-// they test the shared-memory blocks over the system allocator
+// the unit tests never need OpenSIPS, so they do not link the core
 #[cfg(all(opensips, not(test)))]
 mod module;
-#[cfg(all(opensips, not(test)))]
-mod opensips;
-#[cfg(test)]
-#[allow(dead_code)] // what only the module's layouts use
-#[path = "opensips/shm.rs"]
-mod shm;
 
 /// What OpenSIPS looks up by name when it loads the module; declared in
 /// `module::exports`.  It is defined here because rustc exports only
@@ -33,24 +26,3 @@ mod shm;
 #[unsafe(no_mangle)]
 #[allow(non_upper_case_globals)]
 pub static exports: opensips::module::Exports = module::exports::EXPORTS;
-
-/// mod_init's Rust half, called by the shim's `evv_mod_init`.
-#[cfg(all(opensips, not(test)))]
-#[unsafe(no_mangle)]
-pub extern "C" fn evv_rs_init() -> std::ffi::c_int {
-    opensips::entry("mod_init", -1, module::exports::init)
-}
-
-/// destroy's Rust half, called by the shim's `evv_destroy`.
-#[cfg(all(opensips, not(test)))]
-#[unsafe(no_mangle)]
-pub extern "C" fn evv_rs_destroy() {
-    opensips::entry("destroy", (), module::spool::shutdown)
-}
-
-/// The spool's replay process, called by the shim's process export.
-#[cfg(all(opensips, not(test)))]
-#[unsafe(no_mangle)]
-pub extern "C" fn evv_rs_spool_proc() {
-    opensips::entry("spool process", (), || module::replay::run())
-}

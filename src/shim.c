@@ -31,26 +31,6 @@ _Static_assert(EVV_L_ERR == L_ERR && EVV_L_WARN == L_WARN &&
 	EVV_L_NOTICE == L_NOTICE && EVV_L_INFO == L_INFO && EVV_L_DBG == L_DBG,
 	"include/event_virtual.h log levels differ from dprint.h");
 
-int evv_mod_init(void)
-{
-	LM_NOTICE("initializing module ...\n");
-	return evv_rs_init();
-}
-
-void evv_destroy(void)
-{
-	/* every virtual socket belongs to a core subscription and is released
-	 * through the transport's free; the spool says what it still held */
-	LM_NOTICE("destroying module ...\n");
-	evv_rs_destroy();
-}
-
-/* the spool's modparams (issue 10); spool_retry_interval -1: not set */
-int evv_spool_size = 0;
-int evv_spool_max_age = 0;
-int evv_spool_retry_interval = -1;
-char *evv_spool_max_memory = NULL;
-
 unsigned long evv_shm_total(void)
 {
 	return shm_mem_size;
@@ -71,18 +51,6 @@ size_t evv_params_size(const evi_params_t *params)
 	}
 	return size;
 }
-
-static void evv_spool_proc(int rank)
-{
-	evv_rs_spool_proc();
-}
-
-/* the spool's replay process: PROC_FLAG_INITCHILD, since transports open
- * their sockets in child_init */
-const proc_export_t evv_procs[] = {
-	{"event_virtual spool", 0, 0, evv_spool_proc, 1, PROC_FLAG_INITCHILD},
-	{0, 0, 0, 0, 0, 0}
-};
 
 void evv_log(int level, const char *msg, int len)
 {

@@ -3,16 +3,19 @@
 //! that counts, and must not call it.  (`src/module/deliver.rs` adds only a
 //! reference on the socket, the statistics and the calls into the
 //! transports around this; its `log!` formats text only for a line that is
-//! printed: a lost event, a health change, or at DBG.)
+//! printed: a lost event, a health change, or at DBG, and formats it on
+//! the stack, as the failure path's test below does.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use event_virtual::opensips::line::format_into;
 use event_virtual::policy::{
     Attempt, Driver, Health, Progress, Rotation, Rules, Transition, deliver, int_text, seeds,
 };
 use event_virtual::socket::Policy;
 use event_virtual::spool::{Budget, Enter, Fifo, Held, Limits, Meta, Queue};
+use event_virtual::text::{Quoted, quote};
 
 struct Counting;
 
@@ -110,6 +113,44 @@ fn delivering_allocates_nothing() {
             }
         }
     }
+}
+
+#[test]
+fn a_failure_log_line_allocates_nothing() {
+    // the lines a failing subscriber and a lost event log, as `log!` writes
+    // them: `Quoted` operator input formatted into a buffer on the stack
+    let token = b"unix:/run/nobody\xff.sock";
+    let text = [&b"ROUND-ROBIN udp:127.0.0.1:9 "[..], &[b'x'; 200]].concat();
+    let (mut a, mut b) = ([0; 2048], [0; 2048]);
+    let before = allocations();
+    let (sub, text) = (Quoted(token), Quoted(&text));
+    let failing = format_into(
+        &mut a,
+        format_args!("subscriber '{sub}' of 'virtual:{text}' is failing"),
+    );
+    let event = Quoted(b"E_\x01X");
+    let lost = format_into(
+        &mut b,
+        format_args!("event '{event}' was not delivered by 'virtual:{text}'"),
+    );
+    // and one too long for its buffer, cut
+    let cut = format_into(&mut [0; 64], format_args!("{lost:?} {text}")).ends_with(b"...");
+    assert_eq!(
+        allocations() - before,
+        0,
+        "formatting a failure line allocated"
+    );
+    assert!(cut);
+    // the text is what quoting into a String gives
+    let text = quote(text.0);
+    let expected = format!(
+        "subscriber '{}' of 'virtual:{text}' is failing",
+        quote(token)
+    );
+    assert_eq!(failing, expected.as_bytes());
+    assert!(expected.contains("nobody\\xff.sock") && expected.ends_with("xxx...' is failing"));
+    let expected = format!("event 'E_\\x01X' was not delivered by 'virtual:{text}'");
+    assert_eq!(lost, expected.as_bytes());
 }
 
 #[test]

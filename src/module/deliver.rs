@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::fmt;
 use std::sync::atomic::Ordering;
 
 use super::shared::{self, DELIVERED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, UNKEYED};
@@ -17,8 +18,9 @@ use crate::opensips::now_ms;
 use crate::opensips::shm::{ShmRc, Tail};
 use crate::opensips::transport::Report;
 use crate::policy::{self, Attempt, Driver, Outcome, Progress, Transition, Walk};
-use crate::socket::{self, Policy};
+use crate::socket::Policy;
 use crate::spool::{Attempted, Enter};
+use crate::text::Quoted;
 
 /// The core's raise: true when delivered or accepted, to report later.
 pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
@@ -67,9 +69,9 @@ fn hash_value<'a>(sock: &SockRef, event: &Event<'a>, buf: &'a mut [u8; 11]) -> O
             log!(
                 WARN,
                 "event '{}' has no parameter '{}': 'virtual:{}' spreads such events round-robin (said once)",
-                socket::quote(event.name()),
-                socket::quote(key),
-                socket::quote(sock.text())
+                Quoted(event.name()),
+                Quoted(key),
+                Quoted(sock.text())
             );
         }
     }
@@ -119,12 +121,8 @@ impl<'a> CoreDriver<'a> {
         }
     }
 
-    fn describe(&self, i: usize) -> String {
-        format!(
-            "subscriber '{}' of 'virtual:{}'",
-            socket::quote(self.sock.token(&self.sock.subs()[i])),
-            socket::quote(self.sock.text())
-        )
+    fn describe(&self, i: usize) -> Described<'_> {
+        Described(self.sock.token(&self.sock.subs()[i]), self.sock.text())
     }
 
     /// A transport's refusal, logged at DBG.
@@ -186,8 +184,8 @@ impl<'a> CoreDriver<'a> {
             log!(
                 ERR,
                 "event '{}' was not delivered by 'virtual:{}'",
-                socket::quote(name),
-                socket::quote(self.sock.text())
+                Quoted(name),
+                Quoted(self.sock.text())
             );
         }
         out.delivered()
@@ -236,6 +234,16 @@ impl Driver for CoreDriver<'_> {
             Transition::Failing => log!(WARN, "{} is failing", self.describe(i)),
             Transition::Recovered => log!(NOTICE, "{} has recovered", self.describe(i)),
         }
+    }
+}
+
+/// `subscriber '<token>' of 'virtual:<text>'`, as a log line names it.
+struct Described<'a>(&'a [u8], &'a [u8]);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (token, text) = (Quoted(self.0), Quoted(self.1));
+        write!(f, "subscriber '{token}' of 'virtual:{text}'")
     }
 }
 

@@ -1,5 +1,6 @@
 //! The module's declaration, in one place: its parameters, statistics, MI
-//! commands and transport, what `exports` tells the core, and mod_init.
+//! commands, process and transport, what `exports` tells the core, mod_init
+//! and destroy.
 
 #![forbid(unsafe_code)]
 
@@ -14,25 +15,30 @@ use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, Gauge, IntParam, PARAMS_END, ParamExport, Params, STATS_END, Stats, Table,
-    gauge_export, spool_params,
+    Commands, Exports, Gauge, IntParam, Module, PARAMS_END, PROC_FLAG_INITCHILD, PROCS_END, Params,
+    Process, Procs, STATS_END, Stats, StrParam, Table, gauge_export, process,
 };
-use crate::opensips::{shm_total, spool};
+use crate::opensips::shm_total;
 use crate::socket::VIRTUAL_PROTO;
+use crate::spool::ModParams;
+use crate::spool::config::DEFAULT_RETRY_MS;
 
 /// `failover_timeout` when the configuration does not set it, in seconds.
 pub const DEFAULT_FAILOVER_TIMEOUT_S: c_int = 30;
 
 static FAILOVER_TIMEOUT: IntParam = IntParam::new(DEFAULT_FAILOVER_TIMEOUT_S);
-
-const SPOOL_PARAMS: [ParamExport; 4] = spool_params();
+// the spool's (issue 10), checked by `crate::spool::config`
+static SPOOL_SIZE: IntParam = IntParam::new(0);
+static SPOOL_MAX_AGE: IntParam = IntParam::new(0);
+static SPOOL_MAX_MEMORY: StrParam = StrParam::new();
+static SPOOL_RETRY_INTERVAL: IntParam = IntParam::new(DEFAULT_RETRY_MS as c_int);
 
 static PARAMS: Params<6> = Table([
     FAILOVER_TIMEOUT.export(c"failover_timeout"),
-    SPOOL_PARAMS[0],
-    SPOOL_PARAMS[1],
-    SPOOL_PARAMS[2],
-    SPOOL_PARAMS[3],
+    SPOOL_SIZE.export(c"spool_size"),
+    SPOOL_MAX_AGE.export(c"spool_max_age"),
+    SPOOL_MAX_MEMORY.export(c"spool_max_memory"),
+    SPOOL_RETRY_INTERVAL.export(c"spool_retry_interval"),
     PARAMS_END,
 ]);
 
@@ -100,34 +106,60 @@ static MI_COMMANDS: Commands<4> = Table([
 /// The transport id flag the C module registers with, kept for drop-in use.
 const TRANSPORT_FLAG: u32 = 1 << 24;
 
-pub static TRANSPORT: TransportExport =
-    TransportExport::new::<Virtual>(VIRTUAL_PROTO, TRANSPORT_FLAG);
+static TRANSPORT: TransportExport = TransportExport::new::<Virtual>(VIRTUAL_PROTO, TRANSPORT_FLAG);
+
+/// The spool's replay process.
+struct Replay;
+impl Process for Replay {
+    fn run() {
+        super::replay::run()
+    }
+}
+
+/// One replay process; PROC_FLAG_INITCHILD, since transports open their
+/// sockets in child_init.
+static PROCS: Procs<2> = Table([
+    process::<Replay>(c"event_virtual spool", 1, PROC_FLAG_INITCHILD),
+    PROCS_END,
+]);
 
 /// What `exports` (in `lib.rs`) holds.
-pub const EXPORTS: Exports = Exports::new(c"event_virtual", &PARAMS, &STATS, &MI_COMMANDS);
+pub const EXPORTS: Exports = Exports::new::<EventVirtual>(
+    c"event_virtual",
+    &PARAMS.0,
+    &STATS.0,
+    &MI_COMMANDS.0,
+    &PROCS.0,
+);
 
-/// mod_init, after the shim's log line: 0 on success.
-pub fn init() -> c_int {
-    crate::opensips::log_panics();
-    let timeout = FAILOVER_TIMEOUT.get();
-    let Ok(seconds) = u64::try_from(timeout) else {
+pub struct EventVirtual;
+
+impl Module for EventVirtual {
+    fn init() -> Result<(), String> {
+        let (this, core) = (env!("CARGO_PKG_VERSION"), env!("EVV_OPENSIPS_VERSION"));
         log!(
-            ERR,
-            "failover_timeout must be 0 or more seconds, not {timeout}"
+            NOTICE,
+            "event_virtual {this} (Rust), built for OpenSIPS {core}"
         );
-        return -1;
-    };
-    shared::set_window_ms(seconds * 1000);
-    let spool = spool::modparams()
-        .check(shm_total())
-        .and_then(|config| Ok(shared::make_spool(config)?));
-    if let Err(e) = spool {
-        log!(ERR, "{e}");
-        return -1;
+        let timeout = FAILOVER_TIMEOUT.get();
+        let seconds = u64::try_from(timeout)
+            .map_err(|_| format!("failover_timeout must be 0 or more seconds, not {timeout}"))?;
+        shared::set_window_ms(seconds * 1000);
+        let config = ModParams {
+            spool_size: SPOOL_SIZE.get().into(),
+            spool_max_age: SPOOL_MAX_AGE.get().into(),
+            spool_max_memory: SPOOL_MAX_MEMORY.get(),
+            spool_retry_interval: SPOOL_RETRY_INTERVAL.get().into(),
+        }
+        .check(shm_total())?;
+        shared::make_spool(config)?;
+        let registered = TRANSPORT.register();
+        registered
+            .then_some(())
+            .ok_or_else(|| "cannot register the 'virtual' event transport".into())
     }
-    if !TRANSPORT.register() {
-        log!(ERR, "cannot register the 'virtual' event transport");
-        return -1;
+
+    fn destroy() {
+        super::spool::shutdown()
     }
-    0
 }

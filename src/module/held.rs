@@ -57,6 +57,10 @@ impl Fifo for ShmList<Holding> {
     fn len(&self) -> usize {
         ShmList::len(self)
     }
+
+    fn is_empty(&self) -> bool {
+        ShmList::is_empty(self)
+    }
 }
 
 /// A spool queue of a virtual socket.

@@ -13,6 +13,7 @@ use crate::opensips::evi_reply_sock;
 use crate::opensips::log::log;
 use crate::opensips::str::{self, str_};
 use crate::socket;
+use crate::text::Quoted;
 
 pub struct Virtual;
 
@@ -21,8 +22,7 @@ impl Hooks for Virtual {
         match SockRef::open(address) {
             Ok(sock) => sock.into_core(),
             Err(e) => {
-                let input = socket::quote(address);
-                log!(ERR, "refusing virtual socket '{input}': {e}");
+                log!(ERR, "refusing virtual socket '{}': {e}", Quoted(address));
                 null_mut()
             }
         }
@@ -48,7 +48,7 @@ impl Hooks for Virtual {
         if same && a.spool != b.spool {
             // the option is not identity: a refresh keeps the spool the
             // subscription was made with
-            log!(DBG, "'virtual:{}' keeps its spool", socket::quote(a.text()));
+            log!(DBG, "'virtual:{}' keeps its spool", Quoted(a.text()));
         }
         same
     }

@@ -6,7 +6,7 @@
 use super::deliver;
 use super::held::Queue;
 use super::shared::{self, DELIVERED, DROPPED, REPLAYED, add};
-use super::spool::{self, name};
+use super::spool::{self, Name};
 use super::vsock::{self, SockRef};
 use crate::opensips::event::EventCopy;
 use crate::opensips::futex;
@@ -115,7 +115,7 @@ impl Replayer<ShmList<super::held::Holding>> for Replay<'_> {
 
     fn episode(&mut self, q: usize, report: Report) {
         let (sock, _) = self.at(q);
-        log!(WARN, "'{}': {report}", name(sock));
+        log!(WARN, "'{}': {report}", Name(sock));
     }
 
     fn drained(&mut self, q: usize) {

@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::fmt;
+
 use super::held;
 use super::shared::{self, DELIVERED, DROPPED, REPLAYED, SPOOLED, add};
 use super::vsock::SockRef;
@@ -13,8 +15,9 @@ use crate::opensips::event::{Event, EventCopy};
 use crate::opensips::futex;
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
-use crate::socket::{self, Policy};
+use crate::socket::Policy;
 use crate::spool::{Enter, Entry, Finish};
+use crate::text::Quoted;
 
 /// Wake the replay process.
 pub fn ring() {
@@ -24,8 +27,13 @@ pub fn ring() {
     }
 }
 
-pub fn name(sock: &SockRef) -> String {
-    format!("virtual:{}", socket::quote(sock.text()))
+/// `virtual:<text>`, as a log line names a subscription.
+pub struct Name<'a>(pub &'a SockRef);
+
+impl fmt::Display for Name<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "virtual:{}", Quoted(self.0.text()))
+    }
 }
 
 /// What became of an event offered to a queue.
@@ -55,8 +63,8 @@ pub fn push(
         log!(
             ERR,
             "out of shared memory holding event '{}' of '{}': lost",
-            socket::quote(event.name()),
-            name(sock)
+            Quoted(event.name()),
+            Name(sock)
         );
         return Pushed::Lost;
     };
@@ -66,20 +74,20 @@ pub fn push(
         Entry::Queued { first } => {
             SPOOLED.add(1);
             if first {
-                let who = match sock.policy {
-                    Policy::Parallel => format!(
-                        "subscriber '{}' of '{}'",
-                        socket::quote(sock.token(&sock.subs()[qi])),
-                        name(sock)
+                let (event, up_to) = (Quoted(event.name()), queue.limits().capacity);
+                match sock.policy {
+                    Policy::Parallel => log!(
+                        WARN,
+                        "subscriber '{}' of '{}' failed event '{event}': holding events (up to {up_to})",
+                        Quoted(sock.token(&sock.subs()[qi])),
+                        Name(sock)
                     ),
-                    _ => format!("every subscriber of '{}'", name(sock)),
-                };
-                log!(
-                    WARN,
-                    "{who} failed event '{}': holding events (up to {})",
-                    socket::quote(event.name()),
-                    queue.limits().capacity
-                );
+                    _ => log!(
+                        WARN,
+                        "every subscriber of '{}' failed event '{event}': holding events (up to {up_to})",
+                        Name(sock)
+                    ),
+                }
                 ring();
             }
             Pushed::Held
@@ -117,7 +125,7 @@ pub fn log_drained(sock: &SockRef) {
     log!(
         NOTICE,
         "replayed the held events of '{}'; its queue is empty",
-        name(sock)
+        Name(sock)
     );
 }
 
@@ -131,7 +139,7 @@ pub fn close(sock: &SockRef) {
         dropped += c.evicted.len() as u64;
         in_flight |= c.in_flight;
         if let Some(r) = q.episodes().take(now) {
-            log!(WARN, "'{}': {r}", name(sock));
+            log!(WARN, "'{}': {r}", Name(sock));
         }
     }
     add(&DROPPED, dropped);
@@ -139,7 +147,7 @@ pub fn close(sock: &SockRef) {
         log!(
             WARN,
             "'{}' unsubscribed with {dropped} held events: dropped{}",
-            name(sock),
+            Name(sock),
             if in_flight {
                 "; 1 in flight, dropped or delivered when its attempt ends"
             } else {

@@ -2,7 +2,9 @@
 //! `event_virtual` prefix and obeys `log_level`.
 
 use std::ffi::c_int;
+use std::fmt;
 
+use super::line::format_into;
 use super::sys;
 pub use sys::evv_log_level as Level;
 
@@ -18,19 +20,22 @@ pub fn enabled(level: Level) -> bool {
     unsafe { sys::evv_log_enabled(level as c_int) != 0 }
 }
 
-pub fn write(level: Level, msg: &str) {
-    let len = c_int::try_from(msg.len()).unwrap_or(c_int::MAX);
-    // SAFETY: msg is valid for len bytes; the shim prints it with %.*s.
-    unsafe { sys::evv_log(level as c_int, msg.as_ptr().cast(), len) }
+/// One line, formatted on the stack (cut with `...` past 2 KiB).
+pub fn write(level: Level, args: fmt::Arguments<'_>) {
+    let mut buf = [0; 2048];
+    let msg = format_into(&mut buf, args);
+    // SAFETY: msg is valid for its length (at most 2048); the shim prints
+    // it with %.*s.
+    unsafe { sys::evv_log(level as c_int, msg.as_ptr().cast(), msg.len() as c_int) }
 }
 
 /// `log!(WARN, "...", args)`: one line at that level, formatted only when
-/// it will be printed, so that a quiet log costs no allocation.
+/// it will be printed, and never on the heap.
 macro_rules! log {
     ($level:ident, $($arg:tt)+) => {{
         let level = $crate::opensips::log::$level;
         if $crate::opensips::log::enabled(level) {
-            $crate::opensips::log::write(level, &format!($($arg)+));
+            $crate::opensips::log::write(level, format_args!($($arg)+));
         }
     }};
 }

@@ -2,10 +2,11 @@
 //! statistics (MI commands are in [`super::mi`]).
 
 use std::cell::UnsafeCell;
-use std::ffi::{CStr, c_char, c_int};
-use std::ptr::{null, null_mut};
+use std::ffi::{CStr, c_char, c_int, c_uint};
+use std::ptr::null_mut;
 
-use super::sys::{self, mi_export_t, param_export_t, stat_export_t, stat_var};
+use super::log::log;
+use super::sys::{self, mi_export_t, param_export_t, proc_export_t, stat_export_t, stat_var};
 
 /// `struct module_exports`, read by the core when it loads the module.
 #[repr(transparent)]
@@ -14,15 +15,35 @@ pub struct Exports(sys::module_exports);
 // SAFETY: never written after load; the pointers are to static data.
 unsafe impl Sync for Exports {}
 
+/// A module's life as the core drives it.
+pub trait Module {
+    /// mod_init: the modparams are set, the server has not forked yet; an
+    /// error is logged and refuses to start.
+    fn init() -> Result<(), String>;
+    fn destroy();
+}
+
+unsafe extern "C" fn init<M: Module>() -> c_int {
+    log!(NOTICE, "initializing module ...");
+    super::log_panics();
+    let init = || M::init().inspect_err(|e| log!(ERR, "{e}")).map_or(-1, |()| 0);
+    super::entry("mod_init", -1, init)
+}
+
+unsafe extern "C" fn destroy<M: Module>() {
+    log!(NOTICE, "destroying module ...");
+    super::entry("destroy", (), M::destroy)
+}
+
 impl Exports {
     /// The version strings come from the C shim, compiled with the core's
-    /// own definitions, and so do init and destroy (they log the core's
-    /// usual lines).
-    pub const fn new<const P: usize, const S: usize, const M: usize>(
+    /// own definitions.
+    pub const fn new<M: Module>(
         name: &'static CStr,
-        params: &'static Params<P>,
-        stats: &'static Stats<S>,
-        mi: &'static Commands<M>,
+        params: &'static [param_export_t],
+        stats: &'static [stat_export_t],
+        mi: &'static [mi_export_t],
+        procs: &'static [proc_export_t],
     ) -> Exports {
         Exports(sys::module_exports {
             name: name.as_ptr(),
@@ -35,23 +56,15 @@ impl Exports {
                     rev: (&raw const sys::evv_scm_rev).cast::<c_char>(),
                 },
             },
-            dlflags: 0,
-            load_f: None,
-            deps: null(),
-            cmds: null(),
-            acmds: null(),
-            params: params.0.as_ptr(),
-            stats: stats.0.as_ptr(),
-            mi_cmds: mi.0.as_ptr(),
-            items: null(),
-            trans: null(),
-            procs: (&raw const sys::evv_procs).cast(),
-            preinit_f: None,
-            init_f: Some(sys::evv_mod_init),
-            response_f: None,
-            destroy_f: Some(sys::evv_destroy),
-            init_child_f: None,
-            reload_ack_f: None,
+            params: params.as_ptr(),
+            stats: stats.as_ptr(),
+            mi_cmds: mi.as_ptr(),
+            procs: procs.as_ptr(),
+            init_f: Some(init::<M>),
+            destroy_f: Some(destroy::<M>),
+            // SAFETY: all-zero is "none" for the other fields (null
+            // pointers, no functions, no flags).
+            ..unsafe { std::mem::zeroed() }
         })
     }
 }
@@ -64,9 +77,9 @@ pub struct Table<T, const N: usize>(pub [T; N]);
 unsafe impl<T, const N: usize> Sync for Table<T, N> {}
 
 pub type Params<const N: usize> = Table<param_export_t, N>;
-pub type ParamExport = param_export_t;
 pub type Stats<const N: usize> = Table<stat_export_t, N>;
 pub type Commands<const N: usize> = Table<mi_export_t, N>;
+pub type Procs<const N: usize> = Table<proc_export_t, N>;
 
 /// An integer modparam.  The core writes it while it reads the
 /// configuration, before mod_init and before it forks; after that every
@@ -95,39 +108,36 @@ impl IntParam {
     }
 }
 
-/// The spool's modparams (issue 10), which live in the shim:
-/// `spool_size`, `spool_max_age`, `spool_max_memory` (a string),
-/// `spool_retry_interval`.  See [`super::spool::modparams`].
-pub const fn spool_params() -> [param_export_t; 4] {
-    [
+/// A string modparam: the core points it at its copy of the text (or
+/// leaves it null, not set), before mod_init and before it forks.
+pub struct StrParam(UnsafeCell<*mut c_char>);
+
+// SAFETY: as IntParam's.
+unsafe impl Sync for StrParam {}
+
+impl StrParam {
+    pub const fn new() -> Self {
+        StrParam(UnsafeCell::new(null_mut()))
+    }
+
+    /// The text as set (not UTF-8 is replaced), or None.
+    pub fn get(&self) -> Option<String> {
+        // SAFETY: see the type; the core never frees the text it set.
+        let text = unsafe { (*self.0.get()).as_ref().map(|p| CStr::from_ptr(p)) };
+        text.map(|t| t.to_string_lossy().into_owned())
+    }
+
+    pub const fn export(&'static self, name: &'static CStr) -> param_export_t {
         param_export_t {
-            name: c"spool_size".as_ptr(),
-            type_: sys::INT_PARAM,
-            param_pointer: (&raw mut sys::evv_spool_size).cast(),
-        },
-        param_export_t {
-            name: c"spool_max_age".as_ptr(),
-            type_: sys::INT_PARAM,
-            param_pointer: (&raw mut sys::evv_spool_max_age).cast(),
-        },
-        param_export_t {
-            name: c"spool_max_memory".as_ptr(),
+            name: name.as_ptr(),
             type_: sys::STR_PARAM,
-            param_pointer: (&raw mut sys::evv_spool_max_memory).cast(),
-        },
-        param_export_t {
-            name: c"spool_retry_interval".as_ptr(),
-            type_: sys::INT_PARAM,
-            param_pointer: (&raw mut sys::evv_spool_retry_interval).cast(),
-        },
-    ]
+            param_pointer: self.0.get().cast(),
+        }
+    }
 }
 
-pub const PARAMS_END: param_export_t = param_export_t {
-    name: null(),
-    type_: 0,
-    param_pointer: null_mut(),
-};
+// SAFETY: all-zero is the terminator the core expects (no name).
+pub const PARAMS_END: param_export_t = unsafe { std::mem::zeroed() };
 
 /// A module statistic.  The core registers it (in shared memory) at load,
 /// before it forks; updates are atomic in the core.
@@ -178,8 +188,32 @@ pub const fn gauge_export<G: Gauge>(name: &'static CStr) -> stat_export_t {
     }
 }
 
-pub const STATS_END: stat_export_t = stat_export_t {
-    name: null_mut(),
-    flags: 0,
-    stat_pointer: null_mut(),
-};
+/// A process the module adds to the server's; `run` is its life.
+pub trait Process {
+    fn run();
+}
+
+unsafe extern "C" fn run<P: Process>(_rank: c_int) {
+    super::entry("process", (), P::run)
+}
+
+pub const PROC_FLAG_INITCHILD: c_uint = sys::PROC_FLAG_INITCHILD;
+
+/// `no` processes running `P`; with [`PROC_FLAG_INITCHILD`] they run
+/// child_init (the transports open their sockets there) first.
+pub const fn process<P: Process>(name: &'static CStr, no: c_uint, flags: c_uint) -> proc_export_t {
+    proc_export_t {
+        name: name.as_ptr(),
+        function: Some(run::<P>),
+        no,
+        flags,
+        // SAFETY: all-zero is no pre- or post-fork function.
+        ..unsafe { std::mem::zeroed() }
+    }
+}
+
+// SAFETY: all-zero is the terminator the core expects (no name).
+pub const PROCS_END: proc_export_t = unsafe { std::mem::zeroed() };
+
+// SAFETY: all-zero is the terminator the core expects (no name).
+pub const STATS_END: stat_export_t = unsafe { std::mem::zeroed() };

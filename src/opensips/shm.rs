@@ -268,6 +268,10 @@ impl<T: Tail> ShmList<T> {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn push_back(&mut self, node: ShmNode<T>) {
         let at: *const Node<T> = &*node.0;
         match self.head {

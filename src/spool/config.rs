@@ -46,13 +46,13 @@ pub struct Limits {
 }
 
 /// The modparams as OpenSIPS hands them over (integers as set, the memory
-/// as text; `None` when not set).
+/// as text, `None` when not set).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModParams {
     pub spool_size: i64,
     pub spool_max_age: i64,
     pub spool_max_memory: Option<String>,
-    pub spool_retry_interval: Option<i64>,
+    pub spool_retry_interval: i64,
 }
 
 /// The module's spool settings, checked at mod_init.
@@ -88,15 +88,13 @@ impl ModParams {
                     self.spool_max_age
                 )
             })?;
-        let retry_ms = match self.spool_retry_interval {
-            None => DEFAULT_RETRY_MS,
-            Some(ms) => u64::try_from(ms)
-                .ok()
-                .filter(|&ms| ms >= MIN_RETRY_MS)
-                .ok_or_else(|| {
-                    format!("spool_retry_interval must be {MIN_RETRY_MS} ms or more, not {ms}")
-                })?,
-        };
+        let ms = self.spool_retry_interval;
+        let retry_ms = u64::try_from(ms)
+            .ok()
+            .filter(|&ms| ms >= MIN_RETRY_MS)
+            .ok_or_else(|| {
+                format!("spool_retry_interval must be {MIN_RETRY_MS} ms or more, not {ms}")
+            })?;
         let budget_bytes = match self.spool_max_memory.as_deref() {
             None | Some("") | Some("auto") => default_budget(shm_total),
             Some(text) => {
@@ -439,7 +437,12 @@ mod tests {
     #[test]
     fn checks_the_modparams() {
         let shm = 256 << 20;
-        let c = ModParams::default().check(shm).unwrap();
+        let c = ModParams {
+            spool_retry_interval: DEFAULT_RETRY_MS as i64,
+            ..ModParams::default()
+        }
+        .check(shm)
+        .unwrap();
         assert_eq!(
             c,
             Config {
@@ -454,7 +457,7 @@ mod tests {
             spool_size: 500,
             spool_max_age: 60,
             spool_max_memory: Some("8M".into()),
-            spool_retry_interval: Some(250),
+            spool_retry_interval: 250,
         };
         let c = p.check(shm).unwrap();
         assert_eq!(
@@ -475,7 +478,11 @@ mod tests {
                 ..p.clone()
             },
             ModParams {
-                spool_retry_interval: Some(9),
+                spool_retry_interval: 9,
+                ..p.clone()
+            },
+            ModParams {
+                spool_retry_interval: -1,
                 ..p.clone()
             },
             ModParams {

@@ -3,7 +3,7 @@ naming the offending token, the server alive, no shared memory kept."""
 
 import pytest
 
-from evvharness import MIError, wait_until
+from evvharness import MIError, OpenSips, wait_until
 
 # (id, socket; {port} is a live UDP receiver, token the ERROR line must name)
 CASES = [
@@ -53,3 +53,22 @@ def test_malformed_socket_is_refused(srv, recv, sock, token):
     srv.assert_alive()
     assert srv.subscribers(ev) == []
     assert srv.shm_used() == baseline, "shared memory not released on refusal"
+
+
+# modparams mod_init refuses: the server does not start, and says why
+BAD_MODPARAMS = [
+    ({"spool_retry_interval": -1}, "spool_retry_interval must be 10 ms or more, not -1"),
+    ({"spool_retry_interval": 9}, "spool_retry_interval must be 10 ms or more, not 9"),
+    ({"spool_max_memory": "lots"}, "spool_max_memory 'lots' is not a size"),
+    ({"failover_timeout": -1}, "failover_timeout must be 0 or more seconds, not -1"),
+]
+
+
+@pytest.mark.parametrize("params,message", BAD_MODPARAMS, ids=[m[:24] for _, m in BAD_MODPARAMS])
+def test_bad_modparam_refuses_to_start(tmp_path, params, message):
+    srv = OpenSips(tmp_path, virtual_params=params)
+    with pytest.raises(pytest.fail.Exception):
+        srv.start(attempts=1)
+    srv.stop()
+    errors = [l for l in srv.log.text().splitlines() if "ERROR:event_virtual:" in l]
+    assert any(message in l for l in errors), srv.log.tail(20)

@@ -241,6 +241,17 @@ def test_expired_and_unsubscribed_not_listed(srv, recv):
 # log lines
 # --------------------------------------------------------------------------
 
+def test_the_start_says_which_release_it_was_built_for(srv):
+    # mod_init's two lines: the C module's, then which build this is
+    server = srv.mi("version")["Server"]
+    text = srv.log.text()
+    assert re.search(r"NOTICE:event_virtual:\S+: initializing module \.\.\.$", text, re.M), text
+    m = re.search(r"NOTICE:event_virtual:\S+: event_virtual (\S+) \(Rust\), "
+                  r"built for OpenSIPS (\S+)$", text, re.M)
+    assert m and m.group(1) == "0.1.0", text
+    assert f"({m.group(2)} (" in server, (m.group(2), server)
+
+
 def _lines(srv, mark, level, sub, vsock):
     pat = re.compile(
         rf"{level}:event_virtual:.*subscriber '{re.escape(sub)}' of '{re.escape(vsock)}'")

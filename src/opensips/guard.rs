@@ -1,6 +1,6 @@
 //! No Rust panic may unwind into OpenSIPS: every entry point the core calls
-//! runs its body through [`guard`], which turns a panic into the entry's
-//! failure value and a report.
+//! runs its body through [`guard`] (by [`super::entry`]), which turns a
+//! panic into the entry's failure value and a report.
 
 #![forbid(unsafe_code)]
 
