@@ -312,15 +312,17 @@ fn chain(driver: &mut CoreDriver<'_>, i: usize, walk: &Walk) -> Attempt {
     }
 }
 
-/// An asynchronous attempt in a PARALLEL fan-out.
+/// An asynchronous attempt in a PARALLEL fan-out, or of a replay on the
+/// queue's own subscriber.
 fn probe(driver: &mut CoreDriver<'_>, i: usize) -> Attempt {
-    let spooled = !driver.sock.queues().is_empty();
+    let lease = driver.lease.map(|(_, token)| token);
+    let spooled = lease.is_none() && !driver.sock.queues().is_empty();
     let held = if spooled { driver.copy() } else { None };
     let probe = Probe {
         sock: driver.sock.clone(),
         index: i,
         held,
-        lease: None,
+        lease,
     };
     let Some(probe) = ShmRc::single(probe) else {
         return driver.out_of_memory(i);
@@ -381,19 +383,14 @@ pub fn replay(sock: &SockRef, qi: usize, event: EventCopy, token: u64) -> Attemp
     let dummy = DummyMsg::new();
     let held = Event::from_copy(dummy.msg(), &event);
     let mut driver = CoreDriver::new(sock, None, Some(event.clone()), dummy.msg());
+    driver.lease = Some((qi, token));
     if sock.policy == Policy::Parallel {
         let sub = &sock.subs()[qi].sock;
         let ok = if sub.asynchronous() {
-            let probe = Probe {
-                sock: sock.clone(),
-                index: qi,
-                held: None,
-                lease: Some(token),
-            };
-            match ShmRc::single(probe).map(|p| sub.raise_reported(&held, p)) {
-                Some(Ok(())) => return Attempted::Pending,
-                _ => false,
+            if probe(&mut driver, qi) == Attempt::Pending {
+                return Attempted::Pending;
             }
+            false
         } else {
             sub.raise(&held) == 0
         };
@@ -407,7 +404,6 @@ pub fn replay(sock: &SockRef, qi: usize, event: EventCopy, token: u64) -> Attemp
     // HASH: placed by the held event's own parameter, as when raised
     let mut int_text = [0u8; 11];
     let value = placement_value(sock, &held, &mut int_text);
-    driver.lease = Some((qi, token));
     match driver.deliver(value) {
         Progress::Pending => Attempted::Pending,
         Progress::Done(out) if out.delivered() => Attempted::Delivered,

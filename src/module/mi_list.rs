@@ -62,8 +62,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
             o.number("spool_size", l.capacity.into())?;
             o.number("spool_max_age", (l.max_age_ms / 1000) as f64)?;
             if sock.policy != Policy::Parallel {
-                let states = sock.subs().iter().map(|s| s.health.state(now, window));
-                spool_view(&o, q, now, policy::eligible_at(now, states))?;
+                spool_view(&o, q, now, sock.eligible_at(0, now, window))?;
             }
         }
         let subs = o.array("Subscribers")?;
@@ -72,8 +71,7 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
             if sock.policy == Policy::Parallel
                 && let Some(q) = queues.get(i)
             {
-                let eligible = policy::eligible_at(now, [s.health.state(now, window)]);
-                spool_view(&so, q, now, eligible)?;
+                spool_view(&so, q, now, sock.eligible_at(i, now, window))?;
             }
             so.string("socket", sock.token(s))?;
             render_state(&so, s.health.state(now, window), wall_ms)?;

@@ -13,8 +13,6 @@ use crate::opensips::futex;
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
 use crate::opensips::shm::ShmList;
-use crate::policy;
-use crate::socket::Policy;
 use crate::spool::replay::{self, Attempted, Replayer};
 use crate::spool::wake::{IDLE_MS, sleep_ms};
 use crate::spool::{Lease, Report};
@@ -105,12 +103,7 @@ impl Replayer<ShmList<super::held::Holding>> for Replay<'_> {
 
     fn eligible_at(&self, q: usize, now_ms: u64) -> u64 {
         let (sock, qi) = self.at(q);
-        let window = shared::rules().window_ms;
-        let subs = match sock.policy {
-            Policy::Parallel => &sock.subs()[qi..=qi],
-            _ => sock.subs(),
-        };
-        policy::eligible_at(now_ms, subs.iter().map(|s| s.health.state(now_ms, window)))
+        sock.eligible_at(qi, now_ms, shared::rules().window_ms)
     }
 
     fn episode(&mut self, q: usize, report: Report) {

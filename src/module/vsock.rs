@@ -225,6 +225,17 @@ impl SockRef {
         }
     }
 
+    /// When a subscriber that could take queue `qi`'s head is out of its
+    /// failover window: the queue's own (PARALLEL), or any.
+    pub fn eligible_at(&self, qi: usize, now_ms: u64, window_ms: u64) -> u64 {
+        let subs = match self.policy {
+            Policy::Parallel => &self.subs()[qi..=qi],
+            _ => self.subs(),
+        };
+        let states = subs.iter().map(|s| s.health.state(now_ms, window_ms));
+        policy::eligible_at(now_ms, states)
+    }
+
     /// The printed text, `POLICY SUB1 SUB2 ...`.
     pub fn text(&self) -> &[u8] {
         let off = self.0.n as usize * size_of::<Sub>() + self.0.q as usize * size_of::<Queue>();
