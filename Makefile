@@ -6,7 +6,10 @@
 #   make                      build ./event_virtual.so
 #   make opensips             build the supported OpenSIPS releases into .opensips/
 #   make bench                what the virtual layer costs, this module and the C one
-#   make install              copy the module into that OpenSIPS's modules folder
+#   make install              copy the module into MODULES_DIR (default: that
+#                             OpenSIPS's modules folder); a module there that is
+#                             not this one (the packaged C module) is kept as
+#                             event_virtual.so.orig first
 #   make clean
 #
 # OPENSIPS_SRC=/path/to/opensips   use your own OpenSIPS source tree instead of
@@ -123,9 +126,19 @@ bench: build $(PYDEPS)
 MODULES_DIR ?= $(shell $(MAKE) -s --no-print-directory -C $(OPENSIPS_SRC) \
 	-f $(CURDIR)/opensips-headers/tree.mk evv-modules-dir 2>/dev/null)
 
+# Installing over a module that is not this one (the C module of a package)
+# keeps it as $(MODULE).orig, once: rolling back is moving it back. When
+# a .orig is already there, install refuses rather than lose one of them.
 install: build
 	@test -n "$(MODULES_DIR)" || { echo "error: cannot tell where $(OPENSIPS_SRC) installs modules: set MODULES_DIR" >&2; exit 1; }
 	install -d $(MODULES_DIR)
+	@dest=$(MODULES_DIR)/$(MODULE); \
+	if [ -e "$$dest" ] && ! nm -D --defined-only "$$dest" 2>/dev/null | grep -qw evv_rs_init; then \
+		if [ -e "$$dest.orig" ]; then \
+			echo "error: $$dest is not this module and $$dest.orig exists too: move one of them away first" >&2; exit 1; \
+		fi; \
+		cp -p "$$dest" "$$dest.orig" && echo "kept the $(MODULE) that was there (not this module) as $$dest.orig"; \
+	fi
 	install -m 0755 $(MODULE) $(MODULES_DIR)/$(MODULE)
 
 # the provisioned OpenSIPS trees stay: `rm -rf .opensips` removes them
