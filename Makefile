@@ -49,9 +49,12 @@ BUILT := $(CARGO_TARGET_DIR)/release/libevent_virtual.so
 # The tests' Python packages live in a virtual environment of their own,
 # made on first use; PYTHON=python3 uses yours as it is.
 PYENV := $(OPENSIPS_CACHE)/python
+# The stamp names the requirements' checksum, not only their date: several
+# checkouts may share one environment (OPENSIPS_CACHE), and a stamp another
+# checkout touched must not hide a requirement added here.
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(PYENV)/bin/python
-PYDEPS := $(PYENV)/.requirements
+PYDEPS := $(PYENV)/.requirements-$(firstword $(shell cksum < tests/requirements.txt))
 endif
 
 .PHONY: all build check-tree opensips provision test unit-test integration-test \
@@ -81,7 +84,7 @@ build: check-tree
 		echo "error: the symbols above are declared but not defined" >&2; exit 1; fi
 	cp $(BUILT) $(MODULE)
 
-$(PYENV)/.requirements: tests/requirements.txt
+$(PYDEPS): tests/requirements.txt
 	@$(or $(shell command -v python3),python3) -m venv $(PYENV) || { \
 		echo "error: cannot make a Python virtual environment: apt-get install python3-venv (or set PYTHON=python3 with the packages of tests/requirements.txt)" >&2; \
 		exit 1; }
