@@ -121,7 +121,7 @@ def start_opensips(cfg, log, mi):
             break
         try:
             mi.execute("version", {})
-            say("   $ opensips-cli -x mi version")
+            say(f"   $ {cli_line('version', {})}")
             return proc
         except OpenSIPSMIException:
             time.sleep(0.1)
@@ -142,20 +142,31 @@ def stop_opensips(proc):
             continue
 
 
+# OpenSIPS 4.0 names MI commands <module>:<command>, and opensips-cli takes
+# only those there (the server answers the old names too, as used here)
+NAMES_40 = {"version": "core:version", "event_subscribe": "evi:subscribe",
+            "raise_event": "evi:raise", "get_statistics": "statistics:get",
+            "event_virtual_list": "event_virtual:event_virtual_list",
+            "event_virtual_hash": "event_virtual:event_virtual_hash",
+            "event_virtual_retry": "event_virtual:event_virtual_retry"}
+CLI_NAMES = {}   # NAMES_40 on 4.0
+
+
 def cli_line(method, params):
     """The opensips-cli command that makes this MI call."""
+    name = CLI_NAMES.get(method, method)
     if method == "raise_event":
         # opensips-cli splits raise_event's parameters into an array of
         # strings unless told -j; with -j the JSON object must be given as
         # a JSON string (-- ends opensips-cli's own options)
-        words = ["opensips-cli", "-x", "--", "mi", "-j", method, params["event"]]
+        words = ["opensips-cli", "-x", "--", "mi", "-j", name, params["event"]]
         if "params" in params:
             words.append(json.dumps(params["params"]))
     elif method in ("event_subscribe", "get_statistics"):
-        words = ["opensips-cli", "-x", "mi", method,
+        words = ["opensips-cli", "-x", "mi", name,
                  *(v if not isinstance(v, list) else " ".join(v) for v in params.values())]
     else:
-        words = ["opensips-cli", "-x", "mi", method, *(f"{k}={v}" for k, v in params.items())]
+        words = ["opensips-cli", "-x", "mi", name, *(f"{k}={v}" for k, v in params.items())]
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
@@ -243,6 +254,8 @@ def main():
         version = subprocess.run([str(SRC / "opensips"), "-V"], capture_output=True,
                                  text=True).stdout.splitlines()[0]
         say(f"== {version}, with {MODULE.name} from {MODULE.parent}")
+        if int(version.split("opensips ")[1].split(".")[0]) >= 4:
+            CLI_NAMES.update(NAMES_40)
         say(f"   config: demo/opensips.cfg (as run: {cfg}), log: {folder / 'opensips.log'}")
         say(f"   MI: mi_datagram on 127.0.0.1:{mi_port}: each `$ opensips-cli` line below is "
             f"the MI call the demo makes; against this server, add")

@@ -8,10 +8,12 @@ the next `$` line or the end of the block is its output), so the README
 cannot drift from what the module answers. Each runs as written, with one
 `-f <config>` added that points opensips-cli at the test server's
 mi_datagram socket (the README leaves that to the user's
-~/.opensips-cli.cfg).
+~/.opensips-cli.cfg), and, on OpenSIPS 4.0, the command's 4.0 name from the
+README's table (opensips-cli takes no other there).
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,13 +22,26 @@ from pathlib import Path
 
 import pytest
 
-from evvharness import OpenSips
+from evvharness import OPENSIPS_SRC, OpenSips
 from evvharness.env import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 # the commands the README must show, each at least once
 EXPECTED = ("event_subscribe", "event_virtual_list", "get_statistics", "event_virtual_hash",
             "event_virtual_retry")
+
+
+def readme_renames(text):
+    """{old name: 4.0 name} from the README's table of MI command names."""
+    return dict(re.findall(r"^\| `([a-z_]+)` \| `([a-z_]+:[a-z_]+)` \|$", text, re.M))
+
+
+def server_version():
+    out = subprocess.run([str(OPENSIPS_SRC / "opensips"), "-V"], capture_output=True,
+                         text=True, check=True).stdout
+    m = re.search(r"opensips (\d+)\.(\d+)\.(\d+)", out)
+    assert m, f"no version in `opensips -V`: {out!r}"
+    return tuple(int(x) for x in m.groups())
 
 
 def readme_commands(text):
@@ -88,6 +103,12 @@ def test_readme_commands_print_what_the_readme_shows(tmp_path):
     shown = {shlex.split(c)[3] for c, _ in commands}
     missing = [c for c in EXPECTED if c not in shown]
     assert not missing, f"README.md shows no `opensips-cli -x mi` call of {missing}"
+    # OpenSIPS 4.0 names MI commands <module>:<command>, and opensips-cli
+    # takes only those there: the README's table says which
+    renames = readme_renames(README.read_text())
+    assert {"event_subscribe", "event_virtual_list"} <= renames.keys(), \
+        f"README.md's table of 4.0 command names not found: {renames}"
+    on_40 = server_version() >= (4, 0, 0)
     cli = opensips_cli()
     srv = ReadmeServer(tmp_path / "opensips").start()
     try:
@@ -96,9 +117,17 @@ def test_readme_commands_print_what_the_readme_shows(tmp_path):
                        f"datagram_ip: 127.0.0.1\ndatagram_port: {srv.mi_port}\n"
                        f"datagram_timeout: 5\n")
         env = {**os.environ, "HOME": str(tmp_path)}
+        if on_40:
+            known = srv.mi("which")
+            unknown = [n for n in renames.values() if n not in known]
+            assert not unknown, f"README.md's 4.0 names {unknown} are not in `which`: {known}"
         for cmd, expected in commands:
             argv = shlex.split(cmd)
             assert argv[:3] == ["opensips-cli", "-x", "mi"], f"not an MI call: {cmd}"
+            if on_40:
+                assert argv[3] in renames, f"README.md's table has no 4.0 name for {argv[3]}"
+                argv[3] = renames[argv[3]]
+                cmd = shlex.join(argv)
             run = subprocess.run([str(cli), "-f", str(cfg), *argv[1:]], capture_output=True,
                                  text=True, env=env, timeout=30)
             assert run.returncode == 0, f"`{cmd}` failed ({run.returncode}):\n{run.stderr}"
