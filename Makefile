@@ -6,7 +6,10 @@
 #   make                      build ./event_virtual.so
 #   make opensips             build the supported OpenSIPS releases into .opensips/
 #   make bench                what the virtual layer costs, this module and the C one
-#   make install              copy the module into that OpenSIPS's modules folder
+#   make install              copy the module into MODULES_DIR (default: that
+#                             OpenSIPS's modules folder); a module there that is
+#                             not this one (the packaged C module) is kept as
+#                             event_virtual.so.orig first
 #   make clean
 #
 # OPENSIPS_SRC=/path/to/opensips   use your own OpenSIPS source tree instead of
@@ -46,9 +49,12 @@ BUILT := $(CARGO_TARGET_DIR)/release/libevent_virtual.so
 # The tests' Python packages live in a virtual environment of their own,
 # made on first use; PYTHON=python3 uses yours as it is.
 PYENV := $(OPENSIPS_CACHE)/python
+# The stamp names the requirements' checksum, not only their date: several
+# checkouts may share one environment (OPENSIPS_CACHE), and a stamp another
+# checkout touched must not hide a requirement added here.
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(PYENV)/bin/python
-PYDEPS := $(PYENV)/.requirements
+PYDEPS := $(PYENV)/.requirements-$(firstword $(shell cksum < tests/requirements.txt))
 endif
 
 .PHONY: all build check-tree opensips provision test unit-test integration-test \
@@ -78,7 +84,7 @@ build: check-tree
 		echo "error: the symbols above are declared but not defined" >&2; exit 1; fi
 	cp $(BUILT) $(MODULE)
 
-$(PYENV)/.requirements: tests/requirements.txt
+$(PYDEPS): tests/requirements.txt
 	@$(or $(shell command -v python3),python3) -m venv $(PYENV) || { \
 		echo "error: cannot make a Python virtual environment: apt-get install python3-venv (or set PYTHON=python3 with the packages of tests/requirements.txt)" >&2; \
 		exit 1; }
@@ -128,9 +134,19 @@ bench: build $(PYDEPS)
 MODULES_DIR ?= $(shell $(MAKE) -s --no-print-directory -C $(OPENSIPS_SRC) \
 	-f $(CURDIR)/opensips-headers/tree.mk evv-modules-dir 2>/dev/null)
 
+# Installing over a module that is not this one (the C module of a package)
+# keeps it as $(MODULE).orig, once: rolling back is moving it back. When
+# a .orig is already there, install refuses rather than lose one of them.
 install: build
 	@test -n "$(MODULES_DIR)" || { echo "error: cannot tell where $(OPENSIPS_SRC) installs modules: set MODULES_DIR" >&2; exit 1; }
 	install -d $(MODULES_DIR)
+	@dest=$(MODULES_DIR)/$(MODULE); \
+	if [ -e "$$dest" ] && ! nm -D --defined-only "$$dest" 2>/dev/null | grep -qw evv_rs_init; then \
+		if [ -e "$$dest.orig" ]; then \
+			echo "error: $$dest is not this module and $$dest.orig exists too: move one of them away first" >&2; exit 1; \
+		fi; \
+		cp -p "$$dest" "$$dest.orig" && echo "kept the $(MODULE) that was there (not this module) as $$dest.orig"; \
+	fi
 	install -m 0755 $(MODULE) $(MODULES_DIR)/$(MODULE)
 
 # the provisioned OpenSIPS trees stay: `rm -rf .opensips` removes them

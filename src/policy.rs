@@ -1082,7 +1082,7 @@ mod tests {
 
     #[test]
     fn the_documented_hash_gives_these_numbers() {
-        // the worked example of doc/event_virtual.md, section "HASH"
+        // the worked example of doc/architecture.md, "Appendix: the mathematics of HASH"
         assert_eq!(digest(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(digest(b"a"), 0xaf63_dc4c_8601_ec8c);
         let toks: Vec<&[u8]> = THREE.iter().map(|t| t.as_bytes()).collect();
