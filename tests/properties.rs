@@ -764,23 +764,43 @@ proptest! {
     ) {
         let n = toks.len();
         let down = down.index(n);
+        let s = seeds(&refs(&toks));
+        // one socket through the whole run, its clock only going forward
         let subs = seeded(&toks);
         let all_up = vec![true; n];
         let mut up = all_up.clone();
         up[down] = false;
-        for v in &values {
-            let first = place(&subs, v, &all_up, 10);
-            prop_assert_eq!(first.len(), 1);
-            prop_assert_eq!(&place(&subs, v, &all_up, 10), &first, "not sticky");
-            let during = *place(&subs, v, &up, 20).last().unwrap();
+        let (t_during, t_back) = (20, 20 + RULES.window_ms + 100);
+        let mut down_failed = false;
+        for (k, v) in values.iter().enumerate() {
+            // where the value goes while all are healthy: from the hash
+            // alone, not from a placement the socket made
+            let order = hash_order(digest(v), &s);
+            let healthy = order[0];
+            // on a socket of its own that nothing has failed yet
+            let fresh = seeded(&toks);
+            prop_assert_eq!(place(&fresh, v, &all_up, 10), vec![healthy]);
+            prop_assert_eq!(place(&fresh, v, &all_up, 11), vec![healthy], "not sticky");
+            // the shared socket: `down` fails (the first of its values
+            // finds it healthy, every later one inside its window)
+            let tried = place(&subs, v, &up, t_during + k as u64);
+            let during = *tried.last().unwrap();
             prop_assert_ne!(during, down);
-            if first[0] != down {
-                prop_assert_eq!(during, first[0], "a healthy subscriber's value moved");
+            if healthy != down {
+                prop_assert_eq!(&tried, &vec![healthy], "a healthy subscriber's value moved");
             } else {
                 // to the value's second choice
-                let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
-                prop_assert_eq!(during, hash_order(digest(v), &s)[1]);
+                prop_assert_eq!(during, order[1]);
+                let want = if down_failed { vec![order[1]] } else { vec![down, order[1]] };
+                prop_assert_eq!(&tried, &want);
+                down_failed = true;
             }
+        }
+        // the window over, `down` is up again: every value goes home
+        for (k, v) in values.iter().enumerate() {
+            let healthy = hash_order(digest(v), &s)[0];
+            let tried = place(&subs, v, &all_up, t_back + k as u64);
+            prop_assert_eq!(tried.last(), Some(&healthy), "{:?}", tried);
         }
     }
 
