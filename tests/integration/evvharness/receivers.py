@@ -215,6 +215,7 @@ class JsonRpcServer(Receiver):
         super().__init__()
         self._mode = mode
         self._held = []  # (conn, request)
+        self._answers = []  # (request, "ok" | "error"), as answered
         self._mlock = threading.Lock()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,6 +234,16 @@ class JsonRpcServer(Receiver):
         with self._mlock:
             self._mode = mode
 
+    def answered(self, event=None, answer=None):
+        """Requests answered so far (of `event`, with `answer` "ok" or
+        "error"), in the order they were answered; a held request is not
+        answered until released."""
+        with self._mlock:
+            got = list(self._answers)
+        return [req for req, a in got
+                if (event is None or req.get("method") == event)
+                and (answer is None or a == answer)]
+
     def held(self):
         with self._mlock:
             return [req for _, req in self._held]
@@ -250,8 +261,11 @@ class JsonRpcServer(Receiver):
             self._reply(conn, req, answer_for(req))
         return [req for _, req in held]
 
-    @staticmethod
-    def _reply(conn, req, answer):
+    def _reply(self, conn, req, answer):
+        # recorded before it is sent (the test may look as soon as the
+        # module has read it), taken back if it could not be sent
+        with self._mlock:
+            self._answers.append((req, answer))
         if answer == "ok":
             reply = {"jsonrpc": "2.0", "id": req["id"], "result": "OK"}
         else:
@@ -260,7 +274,9 @@ class JsonRpcServer(Receiver):
         try:
             conn.sendall(json.dumps(reply).encode())
         except OSError:
-            pass
+            with self._mlock:
+                self._answers.remove((req, answer))
+                self._answers.append((req, answer + " (not sent)"))
 
     def _accept(self):
         while not self._stop:
