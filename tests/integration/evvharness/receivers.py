@@ -11,6 +11,15 @@ from pathlib import Path
 from .util import DEFAULT_TIMEOUT, wait_until
 
 
+def identity(ev):
+    """(tag, i) of an event the script raised: which raise it was, when
+    every request has a tag of its own."""
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("tag"), int(p.get("i"))
+    return p[-1], int(p[-2])       # flatstore: pid, i, tag
+
+
 def tag_of(ev):
     """The `tag` parameter of an event a receiver got: a named parameter
     (JSON), or the last field of a flatstore line (`EVENT,pid,i,tag`)."""
@@ -35,12 +44,17 @@ class Receiver:
     def __init__(self):
         self._events = []
         self._tally = Counter()  # (method, tag) -> events
+        self._family = Counter()  # (method, family) -> events tagged family/n
         self._lock = threading.Lock()
 
     def _add(self, ev):
+        tag = tag_of(ev)
         with self._lock:
             self._events.append(ev)
-            self._tally[ev["method"], tag_of(ev)] += 1
+            self._tally[ev["method"], tag] += 1
+            if isinstance(tag, str) and "/" in tag:
+                # a burst's own tag, `family/n`: counted in its family too
+                self._family[ev["method"], tag.split("/", 1)[0]] += 1
 
     def events(self, event=None):
         with self._lock:
@@ -54,9 +68,10 @@ class Receiver:
             return sum(n for (m, _), n in self._tally.items() if m == event)
 
     def tag_count(self, event, tag):
-        """Events of `event` whose `tag` parameter is `tag`."""
+        """Events of `event` whose `tag` parameter is `tag` (or, for a tag
+        without a `/`, `tag/anything`: the bursts of Raiser(unique=True))."""
         with self._lock:
-            return self._tally[event, tag]
+            return self._tally[event, tag] + self._family[event, tag]
 
     def wait_count(self, n, event=None, timeout=DEFAULT_TIMEOUT):
         wait_until(lambda: self.count(event) >= n, timeout,
