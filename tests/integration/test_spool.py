@@ -250,10 +250,12 @@ def test_list_shows_the_queue_and_retry_delivers_now(spool_srv, recv):
     assert seqs_of(s2, ev) == list(range(5))
     wait_until(lambda: held(srv, ev)["held"] == 0, 5, "the queue to empty")
     assert srv.mi("event_virtual_retry", {"event": ev}) == {"queues": 0}
-    with pytest.raises(Exception, match="404|unknown"):
+    with pytest.raises(MIError) as err:
         srv.mi("event_virtual_retry", {"event": "E_NO_SUCH"})
-    with pytest.raises(Exception, match="400|mode"):
+    assert err.value.code == 404 and "E_NO_SUCH" in err.value.message, err.value.error
+    with pytest.raises(MIError) as err:
         srv.mi("event_virtual_retry", {"mode": "some"})
+    assert err.value.code == 400 and "some" in err.value.message, err.value.error
 
 
 def test_spool_size_modparam_holds_for_plain_sockets(spool_srv, recv):
