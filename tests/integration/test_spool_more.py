@@ -169,6 +169,9 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
         [sub] = [s for s in srv.virtual_list(events[p]) if s["socket"] == late_sock[p]]
         return (sub if p == "FAILOVER" else sub["Subscribers"][1])["Spool"]
     for p in POLICIES:
+        # (the raise that reached the sentinel may still be holding it)
+        wait_until(lambda: late_view(p)["spooled"] == sent[events[p]], 5,
+                   f"every raise held for the late {p} receiver ({late_view(p)})")
         assert late_view(p)["held"] == 50, late_view(p)
         late[p].bind()
     for p in POLICIES:
