@@ -11,6 +11,7 @@ use event_virtual::socket::{
     MAX_SUBSCRIBERS, ParseError, Parsed, Policy, Transports, open_subscribers, parse, print_into,
     printed_key, printed_len, quote, same_socket, same_subscription,
 };
+use event_virtual::spool::OptionError;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------
@@ -43,6 +44,34 @@ fn head(policy: Policy, key: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
+/// The policy token, then the option in its canonical form if there is one.
+fn head_with_option(p: &Parsed<'_>) -> Vec<u8> {
+    let mut v = head(p.policy, p.key);
+    if let Some(o) = p.spool {
+        v.push(b' ');
+        v.extend_from_slice(o.to_string().as_bytes());
+    }
+    v
+}
+
+/// A refused option names the token it refused, as one of the input's.
+fn assert_names_a_token(e: &OptionError, input: &[u8]) {
+    let named = match e {
+        OptionError::Unknown(t)
+        | OptionError::PolicyNotFirst(t)
+        | OptionError::BadSize(t)
+        | OptionError::BadAge(t)
+        | OptionError::Duplicate(t) => t,
+    };
+    assert!(
+        input
+            .split(|b| *b == b' ' || *b == b'\t')
+            .any(|t| quote(t) == *named),
+        "{e} names no token of the input"
+    );
+    assert!(e.to_string().contains(&format!("'{named}'")), "{e}");
+}
+
 /// What the printed form must be: the policy, then each token after one space.
 fn joined(head: &[u8], toks: &[&[u8]]) -> Vec<u8> {
     let mut v = head.to_vec();
@@ -70,6 +99,9 @@ fn check_any(input: &[u8]) {
         Ok(p) => p,
         Err(e) => {
             assert_printable(&e);
+            if let ParseError::Option(o) = &e {
+                assert_names_a_token(o, input);
+            }
             return;
         }
     };
@@ -88,7 +120,7 @@ fn check_any(input: &[u8]) {
     }
     let toks = tokens(&p);
     let out = printed(&p);
-    assert_eq!(out, joined(&head(p.policy, p.key), &toks));
+    assert_eq!(out, joined(&head_with_option(&p), &toks));
     assert_eq!(printed_key(&out), p.key);
     let again = parse(&out).expect("the printed socket parses");
     assert_eq!(again.policy, p.policy);
@@ -210,34 +242,111 @@ fn policy_word() -> impl Strategy<Value = Vec<u8>> {
     .prop_map(|s| s.as_bytes().to_vec())
 }
 
+/// Tokens near a `SPOOL(...)` option: good ones, ones out of range or
+/// malformed, other names, a policy where options go, and ones that are not
+/// option-shaped at all.
+fn near_option() -> impl Strategy<Value = Vec<u8>> {
+    let arg = prop_oneof![
+        prop::sample::select(vec![
+            "0",
+            "1",
+            "007",
+            "999999",
+            "1000000",
+            "1000001",
+            "4294967295",
+            "4294967296",
+            "99999999999",
+            "",
+            "x",
+            "-1",
+            "+1",
+            " 1",
+        ])
+        .prop_map(String::from),
+        (0u32..2_000_000).prop_map(|n| n.to_string()),
+    ];
+    // odd bytes inside the parentheses (no white space, no colon: still
+    // option-shaped)
+    let odd = prop::collection::vec(
+        any::<u8>().prop_filter("option-shaped", |b| !b" \t:".contains(b)),
+        0..8,
+    )
+    .prop_map(|inner| [&b"SPOOL("[..], &inner, b")"].concat());
+    prop_oneof![
+        3 => (arg.clone(), prop::option::of(arg.clone()))
+            .prop_map(|(a, b)| match b {
+                None => format!("SPOOL({a})").into_bytes(),
+                Some(b) => format!("SPOOL({a},{b})").into_bytes(),
+            }),
+        1 => prop::collection::vec(arg, 0..5)
+            .prop_map(|v| format!("SPOOL({})", v.join(",")).into_bytes()),
+        1 => odd,
+        2 => prop::sample::select(vec![
+            "SPOOL()", "SPOOL(5,)", "SPOOL(,5)", "SPOOL(5", "SPOOL5)", "SPOOL(5))", "SPOOL((5))",
+            "spool(5)", "Spool(5)", "SPOOL_(5)", "X(1)", "HASH(callid)", "PARALLEL(1)",
+            "ROUND-ROBIN(2)", "SPOOL(5):x", "SPOOL", "(5)", "SPOOL(5)x",
+        ])
+        .prop_map(|s| s.as_bytes().to_vec()),
+    ]
+}
+
 /// Tokens near a subscriber: good ones, and ones missing a part, nested,
-/// or with odd bytes.
+/// or with odd bytes, or an option where a subscriber goes.
 fn near_token() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        4 => valid_token(),
-        1 => prop::sample::select(vec![
+        8 => valid_token(),
+        1 => near_option(),
+        2 => prop::sample::select(vec![
             "udp", ":x", "udp:", ":", "virtual:", "virtual:FAILOVER", "virtual:PARALLEL udp:1:1",
             "###", "udp:1.2.3.4:5", "rabbitmq:guest:guest@127.0.0.1:5672/pike", "PARALLEL",
         ])
         .prop_map(|s| s.as_bytes().to_vec()),
-        1 => prop::collection::vec(any::<u8>(), 0..12),
+        2 => prop::collection::vec(any::<u8>(), 0..12),
     ]
 }
 
-/// Policy word, then tokens, separated by runs of spaces and tabs (or by
-/// nothing at all, now and then).
+/// Near-valid sockets: [`near_words`], and a well-formed policy and
+/// subscribers around near-valid options (a valid one now and then).
 fn near_socket() -> impl Strategy<Value = Vec<u8>> {
-    let sep_or_none = prop_oneof![9 => sep(), 1 => Just(Vec::new())];
+    let option_socket = (
+        policy(),
+        hash_key(),
+        prop::collection::vec(near_option(), 1..3),
+        prop::collection::vec(valid_token(), 1..4),
+    )
+        .prop_map(|(p, key, options, toks)| {
+            let key = (p == Policy::Hash).then_some(key);
+            let mut v = head(p, key.as_deref());
+            for t in options.iter().chain(&toks) {
+                v.push(b' ');
+                v.extend_from_slice(t);
+            }
+            v
+        });
+    prop_oneof![3 => near_words(), 1 => option_socket]
+}
+
+/// Policy word, options (none, one, or more), then tokens, separated by
+/// runs of spaces and tabs (or by nothing at all, now and then).
+fn near_words() -> impl Strategy<Value = Vec<u8>> {
+    let sep_or_none = || prop_oneof![9 => sep(), 1 => Just(Vec::new())];
+    let options = prop_oneof![
+        2 => Just(Vec::new()),
+        2 => prop::collection::vec((sep_or_none(), near_option()), 1..2),
+        1 => prop::collection::vec((sep_or_none(), near_option()), 2..4),
+    ];
     (
         pad(),
         policy_word(),
-        prop::collection::vec((sep_or_none, near_token()), 0..8),
+        options,
+        prop::collection::vec((sep_or_none(), near_token()), 0..8),
         pad(),
     )
-        .prop_map(|(lead, word, parts, trail)| {
+        .prop_map(|(lead, word, options, parts, trail)| {
             let mut v = lead;
             v.extend(word);
-            for (s, t) in parts {
+            for (s, t) in options.into_iter().chain(parts) {
                 v.extend(s);
                 v.extend(t);
             }
@@ -458,6 +567,47 @@ proptest! {
         let q = quote(&bytes);
         prop_assert!(q.bytes().all(|b| (0x20..0x7f).contains(&b)));
         prop_assert!(q.len() <= 4 * 120 + 3);
+    }
+}
+
+/// The near-valid generator reaches what it is there for: sockets with a
+/// valid option, and each way an option is refused.
+#[test]
+fn near_sockets_reach_valid_and_malformed_options() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strategy = near_socket();
+    let mut seen = std::collections::BTreeMap::<&str, u32>::new();
+    for _ in 0..4000 {
+        let text = strategy.new_tree(&mut runner).unwrap().current();
+        let what = match parse(&text) {
+            Ok(p) if p.spool.is_some() => "valid option",
+            Ok(_) => "no option",
+            Err(ParseError::Option(OptionError::Unknown(_))) => "unknown",
+            Err(ParseError::Option(OptionError::PolicyNotFirst(_))) => "policy",
+            Err(ParseError::Option(OptionError::BadSize(_))) => "size",
+            Err(ParseError::Option(OptionError::BadAge(_))) => "age",
+            Err(ParseError::Option(OptionError::Duplicate(_))) => "twice",
+            Err(_) => "other error",
+        };
+        *seen.entry(what).or_default() += 1;
+    }
+    println!("{seen:?}");
+    for what in [
+        "valid option",
+        "no option",
+        "unknown",
+        "policy",
+        "size",
+        "age",
+        "twice",
+        "other error",
+    ] {
+        assert!(
+            seen.get(what).copied().unwrap_or(0) >= 20,
+            "{what}: {seen:?}"
+        );
     }
 }
 
@@ -762,23 +912,43 @@ proptest! {
     ) {
         let n = toks.len();
         let down = down.index(n);
+        let s = seeds(&refs(&toks));
+        // one socket through the whole run, its clock only going forward
         let subs = seeded(&toks);
         let all_up = vec![true; n];
         let mut up = all_up.clone();
         up[down] = false;
-        for v in &values {
-            let first = place(&subs, v, &all_up, 10);
-            prop_assert_eq!(first.len(), 1);
-            prop_assert_eq!(&place(&subs, v, &all_up, 10), &first, "not sticky");
-            let during = *place(&subs, v, &up, 20).last().unwrap();
+        let (t_during, t_back) = (20, 20 + RULES.window_ms + 100);
+        let mut down_failed = false;
+        for (k, v) in values.iter().enumerate() {
+            // where the value goes while all are healthy: from the hash
+            // alone, not from a placement the socket made
+            let order = hash_order(digest(v), &s);
+            let healthy = order[0];
+            // on a socket of its own that nothing has failed yet
+            let fresh = seeded(&toks);
+            prop_assert_eq!(place(&fresh, v, &all_up, 10), vec![healthy]);
+            prop_assert_eq!(place(&fresh, v, &all_up, 11), vec![healthy], "not sticky");
+            // the shared socket: `down` fails (the first of its values
+            // finds it healthy, every later one inside its window)
+            let tried = place(&subs, v, &up, t_during + k as u64);
+            let during = *tried.last().unwrap();
             prop_assert_ne!(during, down);
-            if first[0] != down {
-                prop_assert_eq!(during, first[0], "a healthy subscriber's value moved");
+            if healthy != down {
+                prop_assert_eq!(&tried, &vec![healthy], "a healthy subscriber's value moved");
             } else {
                 // to the value's second choice
-                let s: Vec<u64> = subs.iter().map(|s| s.0.seed()).collect();
-                prop_assert_eq!(during, hash_order(digest(v), &s)[1]);
+                prop_assert_eq!(during, order[1]);
+                let want = if down_failed { vec![order[1]] } else { vec![down, order[1]] };
+                prop_assert_eq!(&tried, &want);
+                down_failed = true;
             }
+        }
+        // the window over, `down` is up again: every value goes home
+        for (k, v) in values.iter().enumerate() {
+            let healthy = hash_order(digest(v), &s)[0];
+            let tried = place(&subs, v, &all_up, t_back + k as u64);
+            prop_assert_eq!(tried.last(), Some(&healthy), "{:?}", tried);
         }
     }
 

@@ -298,10 +298,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
-    /// The socket parser's test, as far as these tests go.
+    /// The socket parser's test of a policy's name.
     fn hash(name: &[u8]) -> bool {
-        name == b"HASH"
+        matches!(name, b"HASH" | b"PARALLEL" | b"FAILOVER" | b"ROUND-ROBIN")
     }
 
     fn opt(s: &str) -> Result<SpoolOption, OptionError> {
@@ -411,27 +412,138 @@ mod tests {
 
         #[test]
         fn any_token_is_refused_safely_or_left_to_the_subscriber_parser(
-            tok in proptest::collection::vec(proptest::num::u8::ANY, 0..24)
+            tok in proptest::prop_oneof![
+                1 => proptest::collection::vec(proptest::num::u8::ANY, 0..24),
+                3 => shaped_token(),
+            ]
         ) {
-            // no panic; an option-shaped token that is refused is quoted
-            // safely for a log line; a token with a ':' is never an option
+            // no panic; a token with a ':' is never an option; an
+            // option-shaped token that is refused is named, quoted safely
+            // for a log line
             if is_option(&tok) {
                 proptest::prop_assert!(!tok.contains(&b':'));
-                if let Err(e) = parse_option(&tok, hash) {
-                    let text = e.to_string();
-                    proptest::prop_assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                match parse_option(&tok, hash) {
+                    Err(e) => {
+                        let text = e.to_string();
+                        proptest::prop_assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                        proptest::prop_assert!(text.contains(&format!("'{}'", quote(&tok))), "{}", text);
+                    }
+                    Ok(o) => {
+                        proptest::prop_assert!(tok.starts_with(b"SPOOL("));
+                        proptest::prop_assert_eq!(parse_option(o.to_string().as_bytes(), hash), Ok(o));
+                    }
                 }
             }
         }
 
         #[test]
-        fn option_shaped_text_round_trips(name in "[A-Z]{1,6}", args in "[0-9,]{0,12}") {
+        fn option_shaped_tokens_are_options_unless_they_have_a_colon(tok in shaped_token()) {
+            proptest::prop_assert_eq!(is_option(&tok), !tok.contains(&b':'));
+        }
+
+        #[test]
+        fn option_shaped_text_round_trips(
+            name in proptest::prop_oneof![
+                3 => proptest::strategy::Just("SPOOL".to_string()),
+                1 => proptest::sample::select(vec!["HASH", "FAILOVER", "PARALLEL", "SPOOLS", "SPOO"])
+                    .prop_map(String::from),
+                1 => "[A-Z]{1,6}",
+            ],
+            args in proptest::prop_oneof![
+                3 => proptest::collection::vec(number_text(), 0..4).prop_map(|v| v.join(",")),
+                1 => "[0-9,]{0,12}",
+            ],
+        ) {
             let tok = format!("{name}({args})");
             proptest::prop_assert!(is_option(tok.as_bytes()));
-            if let Ok(o) = parse_option(tok.as_bytes(), hash) {
+            let got = parse_option(tok.as_bytes(), hash);
+            proptest::prop_assert_eq!(&got, &model(&name, &args, &tok));
+            if let Ok(o) = got {
                 proptest::prop_assert_eq!(parse_option(o.to_string().as_bytes(), hash), Ok(o));
             }
         }
+    }
+
+    /// `NAME(...)`: a name near the option's or the policies' (or any
+    /// word of the allowed bytes), any bytes between the parentheses.
+    fn shaped_token() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let name = prop_oneof![
+            prop::sample::select(vec!["SPOOL", "HASH", "ROUND-ROBIN", "spool", "SPOOL_"])
+                .prop_map(|s| s.as_bytes().to_vec()),
+            "[A-Za-z0-9_-]{1,8}".prop_map(String::into_bytes),
+        ];
+        let inner = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..16),
+            "[0-9,]{0,14}".prop_map(String::into_bytes),
+        ];
+        (name, inner).prop_map(|(mut t, inner)| {
+            t.push(b'(');
+            t.extend(inner);
+            t.push(b')');
+            t
+        })
+    }
+
+    /// An argument of `SPOOL(...)`: numbers in and out of range, at the
+    /// bounds, with leading zeros, too long, empty, or not a number.
+    fn number_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let max = u64::from(MAX_SPOOL_SIZE);
+        let bounds = vec![
+            0,
+            1,
+            max - 1,
+            max,
+            max + 1,
+            1 << 32,
+            (1 << 32) - 1,
+            9_999_999_999,
+        ];
+        prop_oneof![
+            3 => prop::sample::select(bounds).prop_map(|n| n.to_string()),
+            1 => (0u64..2_000_000).prop_map(|n| n.to_string()),
+            1 => (max - 10..max + 10).prop_map(|n| n.to_string()),
+            1 => ((1u64 << 32) - 10..(1 << 32) + 10).prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => (0usize..12, 0u64..1000).prop_map(|(z, n)| format!("{}{n}", "0".repeat(z))),
+            1 => "[0-9]{0,12}",
+            1 => "[-+ x0-9]{1,4}",
+        ]
+    }
+
+    /// What `parse_option` must answer for `NAME(args)`, from the syntax
+    /// alone: a size of 1 to 10 digits up to MAX_SPOOL_SIZE, then
+    /// optionally an age of 1 to 10 digits that fits in 32 bits.
+    fn model(name: &str, args: &str, tok: &str) -> Result<SpoolOption, OptionError> {
+        match name {
+            "SPOOL" => {}
+            "HASH" | "FAILOVER" | "PARALLEL" | "ROUND-ROBIN" => {
+                return Err(OptionError::PolicyNotFirst(tok.into()));
+            }
+            _ => return Err(OptionError::Unknown(tok.into())),
+        }
+        let num = |s: &str| {
+            (!s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u64>().unwrap())
+        };
+        let parts: Vec<&str> = args.split(',').collect();
+        let size = num(parts[0])
+            .filter(|&n| n <= u64::from(MAX_SPOOL_SIZE))
+            .ok_or_else(|| OptionError::BadSize(tok.into()))?;
+        let max_age_s = match parts.get(1..) {
+            Some([]) | None => None,
+            Some([a]) => Some(
+                num(a)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| OptionError::BadAge(tok.into()))?,
+            ),
+            Some(_) => return Err(OptionError::BadAge(tok.into())),
+        };
+        Ok(SpoolOption {
+            size: size as u32,
+            max_age_s,
+        })
     }
 
     #[test]

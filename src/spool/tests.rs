@@ -1192,37 +1192,106 @@ fn sizes_in_shared_memory() {
     println!("Queue: {q} bytes");
 }
 
+/// A barrier that a panicking party breaks (std's would leave the others
+/// waiting for ever): then every wait returns.
+struct Meet {
+    parties: u64,
+    arrived: AtomicU64,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Meet {
+    fn new(parties: usize) -> Self {
+        Meet {
+            parties: parties as u64,
+            arrived: AtomicU64::new(0),
+            broken: Default::default(),
+        }
+    }
+
+    /// Wait until every party has called wait as often as this one.
+    fn wait(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        // (acquire-release: what a party did before it waited happens
+        // before what the others do after)
+        let round = self.arrived.fetch_add(1, AcqRel) / self.parties + 1;
+        while self.arrived.load(Acquire) < round * self.parties && !self.broken.load(Relaxed) {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Held by a party: breaks the barrier if the party panics.
+    fn breaks_on_panic(&self) -> impl Drop + '_ {
+        struct Guard<'a>(&'a Meet);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.broken.store(true, Relaxed);
+                }
+            }
+        }
+        Guard(self)
+    }
+}
+
 /// Raises in three threads, a replayer whose leases are settled by a
 /// fourth (asynchronous reports come in another process), and an
 /// unsubscribe in the middle of it all: nothing freed twice, nothing left,
-/// and every event that entered is accounted for.
+/// and every event that entered is accounted for.  Barriers, not sleeps,
+/// place the close: every producer has pushed its first part when the
+/// close starts, the second part races it, and the third comes after it,
+/// so some pushes surely see the queue closed.
 #[test]
 fn unsubscribing_under_load_with_reports_in_flight() {
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
 
+    const PRODUCERS: u64 = 3;
+    const BEFORE: u64 = 2000; // pushed before the close starts
+    const RACING: u64 = 2000; // pushed while it runs
+    const AFTER: u64 = 100; // pushed once it is done: all refused
     let heap = Heap::default();
     let budget = Budget::new(10_000);
     let q = Q::new(limits(100, 0));
     let closed = AtomicBool::new(false);
     let stop = AtomicBool::new(false);
+    // pushes refused as unsubscribed, of them before the close began,
+    // queued after it had ended, answered Empty
+    let counts: [AtomicU64; 4] = Default::default();
+    let [refused, early, late, unexpected] = &counts;
+    // the producers and the closer meet there three times: before the
+    // close, after it, and when the producers are done
+    let meet = Meet::new(PRODUCERS as usize + 1);
     let (tx, rx) = mpsc::channel::<u64>();
     std::thread::scope(|s| {
-        for p in 0..3u64 {
-            let (heap, budget, q, closed) = (&heap, &budget, &q, &closed);
+        for p in 0..PRODUCERS {
+            let (heap, budget, q, closed, meet) = (&heap, &budget, &q, &closed, &meet);
             s.spawn(move || {
-                for i in 0..4000u64 {
+                let _m = meet.breaks_on_panic();
+                for i in 0..BEFORE + RACING + AFTER {
+                    if i == BEFORE || i == BEFORE + RACING {
+                        meet.wait();
+                    }
                     let h = heap.alloc(1 + (i + p) % 9, i);
                     match q.push(h, Enter::Failed, budget, i).entry {
+                        Entry::Queued { .. } if i >= BEFORE + RACING => {
+                            late.fetch_add(1, Relaxed);
+                        }
                         Entry::Queued { .. } => {}
                         Entry::Dropped(reason) => {
                             if reason == Reason::Unsubscribed {
-                                assert!(closed.load(Relaxed));
+                                refused.fetch_add(1, Relaxed);
+                                if !closed.load(Relaxed) {
+                                    early.fetch_add(1, Relaxed);
+                                }
                             }
                         }
-                        Entry::Empty => unreachable!(),
+                        Entry::Empty => {
+                            unexpected.fetch_add(1, Relaxed);
+                        }
                     }
                 }
+                meet.wait();
             });
         }
         // the replayer leases, the reporter settles
@@ -1248,20 +1317,34 @@ fn unsubscribing_under_load_with_reports_in_flight() {
             }
         });
         s.spawn(|| {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            let _m = meet.breaks_on_panic();
+            meet.wait();
             closed.store(true, Relaxed);
             drop(q.close(&budget, 0));
-            // let the producers finish, then the replayer
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            meet.wait();
+            // the producers are done: stop the replayer
+            meet.wait();
             stop.store(true, Relaxed);
         });
     });
-    // the producers may have outlived the sleep: settle whatever is left
+    // every push after the close saw the queue closed, none before it
+    let (refused, early, late) = (
+        refused.load(Relaxed),
+        early.load(Relaxed),
+        late.load(Relaxed),
+    );
+    assert_eq!((late, early, unexpected.load(Relaxed)), (0, 0, 0));
+    assert!(
+        refused >= PRODUCERS * AFTER,
+        "only {refused} pushes saw the queue closed"
+    );
+    // a lease still out at the close may have been settled since: close
+    // again to settle whatever is left
     let c = q.close(&budget, 0);
     assert!(!c.in_flight, "the reporter settled every lease");
     let v = q.view(0);
     assert_eq!(v.held, 0);
-    assert_eq!(v.spooled, 12_000);
+    assert_eq!(v.spooled, PRODUCERS * (BEFORE + RACING + AFTER));
     assert_eq!(v.spooled, v.replayed + v.dropped_total());
     assert_eq!((heap.live(), budget.used(), budget.held()), (0, 0, 0));
 }

@@ -1,5 +1,7 @@
 """ROUND-ROBIN: order, rotation shared by processes, dead subscribers, weighting."""
 
+from collections import Counter
+
 import pytest
 
 from evvharness import assert_quiet, raise_one, virtual, wait_until
@@ -29,10 +31,11 @@ def test_rotation_is_shared_by_worker_processes(srv, recv):
     srv.subscribe(ev, virtual("ROUND-ROBIN", *subs))
     per_burst, bursts = 100, 3
     for rnd in range(5):  # until the bursts really ran in two processes
-        tag = f"r{rnd}"
-        for b in range(bursts):
+        # a tag per burst: each event known by (tag, i)
+        tags = [f"r{rnd}.{b}" for b in range(bursts)]
+        for tag in tags:
             srv.send_sip(ev, count=per_burst, tag=tag)
-        this_round = lambda: [e for r in subs for e in r.events(ev) if e["params"]["tag"] == tag]
+        this_round = lambda: [e for r in subs for e in r.events(ev) if e["params"]["tag"] in tags]
         wait_until(lambda: len(this_round()) >= per_burst * bursts, 15,
                    f"{per_burst * bursts} events of round {rnd}")
         pids = {e["params"]["pid"] for e in this_round()}
@@ -41,7 +44,12 @@ def test_rotation_is_shared_by_worker_processes(srv, recv):
     else:
         pytest.fail("harness: every burst was raised in a single worker process")
 
-    counts = [sum(1 for e in r.events(ev) if e["params"]["tag"] == tag) for r in subs]
+    counts = [sum(1 for e in r.events(ev) if e["params"]["tag"] in tags) for r in subs]
+    assert_quiet(subs, [r.count(ev) for r in subs], ev)
+    got = Counter((e["params"]["tag"], int(e["params"]["i"])) for e in this_round())
+    want = Counter((tag, i) for tag in tags for i in range(per_burst))
+    assert got == want, (f"lost {sorted((want - got).elements())[:10]}, "
+                         f"duplicated {sorted((got - want).elements())[:10]}")
     assert sum(counts) == per_burst * bursts, f"duplicated events: {counts}"
     assert max(counts) - min(counts) <= 1, (
         f"rotation not shared by processes {sorted(pids)}: per-subscriber counts {counts}")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from evvharness import MIError, raise_one, virtual, wait_until
+from evvharness import MIError, assert_quiet, raise_one, virtual, wait_until
 
 
 def spool_stats(srv):
@@ -250,10 +250,12 @@ def test_list_shows_the_queue_and_retry_delivers_now(spool_srv, recv):
     assert seqs_of(s2, ev) == list(range(5))
     wait_until(lambda: held(srv, ev)["held"] == 0, 5, "the queue to empty")
     assert srv.mi("event_virtual_retry", {"event": ev}) == {"queues": 0}
-    with pytest.raises(Exception, match="404|unknown"):
+    with pytest.raises(MIError) as err:
         srv.mi("event_virtual_retry", {"event": "E_NO_SUCH"})
-    with pytest.raises(Exception, match="400|mode"):
+    assert err.value.code == 404 and "E_NO_SUCH" in err.value.message, err.value.error
+    with pytest.raises(MIError) as err:
         srv.mi("event_virtual_retry", {"mode": "some"})
+    assert err.value.code == 400 and "some" in err.value.message, err.value.error
 
 
 def test_spool_size_modparam_holds_for_plain_sockets(spool_srv, recv):
@@ -279,16 +281,47 @@ def test_spool_size_modparam_holds_for_plain_sockets(spool_srv, recv):
                "the event counted failed")
 
 
-def test_malformed_option_is_refused(spool_srv, recv):
+MALFORMED_OPTIONS = [
+    # (id, policy and option, the token the ERROR line names, why)
+    ("bad-size", "FAILOVER SPOOL(x)", "SPOOL(x)", "the size must be a number"),
+    ("size-too-big", "FAILOVER SPOOL(1000001)", "SPOOL(1000001)", "the size must be a number"),
+    ("bad-age", "FAILOVER SPOOL(5,x)", "SPOOL(5,x)", "the maximum age must be"),
+    ("twice", "FAILOVER SPOOL(1) SPOOL(2)", "SPOOL(2)", "given twice"),
+    ("unknown", "ROUND-ROBIN spool(5)", "spool(5)", "unknown option"),
+    ("policy-not-first", "FAILOVER HASH(callid)", "HASH(callid)", "is a policy"),
+]
+
+
+@pytest.mark.parametrize("bad,token,why", [c[1:] for c in MALFORMED_OPTIONS],
+                         ids=[c[0] for c in MALFORMED_OPTIONS])
+def test_malformed_option_is_refused(spool_srv, recv, bad, token, why):
+    """As test_malformed.py: an MI error 400, one event_virtual ERROR line
+    naming the token (quoted) and why, the server alive, nothing listed,
+    no shared memory kept."""
     srv = spool_srv()
     s1 = recv.udp()
     ev = srv.new_event()
-    for bad in ("FAILOVER SPOOL(x)", "FAILOVER SPOOL(1) SPOOL(2)"):
-        mark = srv.log.mark()
-        with pytest.raises(Exception):
-            srv.subscribe(ev, virtual(bad, s1))
-        assert srv.log.errors_since(mark, "option"), srv.log.tail(5)
+    sock = virtual(bad, s1)
+
+    def refused():
+        with pytest.raises(MIError) as err:
+            srv.subscribe(ev, sock)
+        assert err.value.code == 400, err.value.error
+
+    refused()  # warm-up: first-time allocations do not count as leaks
+    baseline = srv.shm_used()
+    mark = srv.log.mark()
+    refused()
+
+    def naming():
+        return [line for line in srv.log.errors_since(mark, module="event_virtual")
+                if f"'{token}'" in line and why in line]
+    wait_until(naming, 2, f"an event_virtual ERROR line naming '{token}': {why}")
+    assert len(naming()) == 1, naming()
+    assert len(srv.log.errors_since(mark, module="event_virtual")) == 1, srv.log.tail(5)
+    srv.assert_alive()
     assert srv.subscribers(ev) == []
+    assert srv.shm_used() == baseline, "shared memory not released on refusal"
 
 
 def test_without_a_spool_nothing_changes(spool_srv, recv):
@@ -301,6 +334,11 @@ def test_without_a_spool_nothing_changes(spool_srv, recv):
     assert raise_one(srv, ev, 0, [s1, s2]) == [1]
     assert spool_stats(srv) == {"events_spooled": 0, "events_replayed": 0,
                                 "events_dropped": 0}
+
+
+def numbers(requests):
+    """The events' numbers of JSON-RPC requests (as seqs_of)."""
+    return [int(r["params"]["tag"][1:]) + int(r["params"]["i"]) for r in requests]
 
 
 def answered_after(server, ev, start):
@@ -329,8 +367,10 @@ def test_failover_asynchronous_chain_is_held_and_replayed_once(spool_srv, recv):
     time.sleep(0.5)
     got = answered_after(t2, ev, mark)
     # an attempt answered with an error just before the switch may show
-    # twice; every event is answered OK once: taken at most once
-    assert sorted(set(got)) == list(range(20)), got
+    # twice among the requests; every event is answered OK exactly once
+    ok = numbers(t2.answered(ev, "ok"))
+    assert sorted(ok) == list(range(20)), f"answered OK: {ok}; requests since the switch {got}"
+    assert t1.answered(ev, "ok") == [], numbers(t1.answered(ev, "ok"))
     after = spool_stats(srv)
     assert after["events_replayed"] - before["events_replayed"] == 20, after
     assert after["events_dropped"] == before["events_dropped"]
@@ -350,7 +390,9 @@ def test_parallel_asynchronous_subscriber_gets_what_it_failed(spool_srv, recv):
     c.set_mode("ok")
     wait_until(lambda: held(srv, ev, 1)["held"] == 0, 30, "c's queue to drain")
     time.sleep(0.5)
-    assert sorted(set(answered_after(c, ev, mark))) == list(range(30))
+    ok = numbers(c.answered(ev, "ok"))
+    assert sorted(ok) == list(range(30)), (
+        f"answered OK: {ok}; requests since the switch {answered_after(c, ev, mark)}")
     assert held(srv, ev, 1)["replayed"] == 30
     assert seqs_of(a, ev) == list(range(30))
 
@@ -387,11 +429,16 @@ def test_memory_budget_bounds_every_spool_together(spool_srv, recv):
         srv.subscribe(ev, virtual("FAILOVER SPOOL(1000)", s))
         evs.append(ev)
         socks.append(s)
-    big = "x" * 2000
     peak = 0
     for round_ in range(5):
         for ev in evs:
-            srv.send_sip(ev, count=20, tag=big)
+            # the tag numbers the events (as raise_seqs does), 2000 bytes
+            # long; one request per event at a time, so that they enter
+            # its queue in their numbers' order
+            srv.send_sip(ev, count=20, tag=f"a{20 * round_}-".ljust(2000, "x"))
+        for ev in evs:
+            wait_until(lambda: held(srv, ev)["spooled"] == 20 * (round_ + 1), 10,
+                       f"round {round_} of {ev} offered")
         peak = max(peak, srv.statistics("event_virtual")["spool_memory"])
     wait_until(lambda: sum(held(srv, ev)["spooled"] for ev in evs) == 400, 15,
                "every event offered")
@@ -405,13 +452,22 @@ def test_memory_budget_bounds_every_spool_together(spool_srv, recv):
     assert st["spool_held"] == sum(v["held"] for v in views)
     assert st["spool_memory"] == sum(v["bytes"] for v in views)
     srv.assert_alive("with the budget spent")
-    # the receivers come back: what was held arrives, in order per queue
+    # the receivers come back: what was held arrives, in order per queue,
+    # each once, and nothing else
     for s in socks:
         s.bind()
     for ev, s, v in zip(evs, socks, views):
         s.wait_count(v["held"], ev, timeout=30)
     wait_until(lambda: srv.statistics("event_virtual")["spool_memory"] == 0, 10,
                "the budget given back")
+    assert_quiet(socks, [v["held"] for v in views], window=0.5)
+    for ev, s, v in zip(evs, socks, views):
+        got = [int(e["params"]["tag"][1:].split("-")[0]) + int(e["params"]["i"])
+               for e in s.events(ev)]
+        assert len(got) == v["held"] and got == sorted(set(got)), (
+            f"{ev}: out of order or twice: {got}")
+        assert set(got) <= set(range(100)), got
+        assert held(srv, ev)["replayed"] == v["held"], held(srv, ev)
 
 
 def test_expiry_with_held_events_drops_them(spool_srv, recv):

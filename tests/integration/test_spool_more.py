@@ -7,7 +7,7 @@ replayed) and live UDP ones, subscribed, refreshed, unsubscribed and left to
 expire while both SIP workers raise; a direct UDP sentinel per event counts
 the raises. At the end, once every churned subscription is gone: the server
 is up without crash lines, nothing churned is listed, nothing is held, shared
-memory is back within 64 KiB, and the spool's statistics conserve:
+memory is back exactly, and the spool's statistics conserve:
 events_spooled == events_replayed + events_dropped + spool_held.
 """
 
@@ -20,15 +20,14 @@ from collections import Counter
 
 import pytest
 
-from evvharness import (Raiser, crash_lines, sweep, virtual, wait_shm_back, wait_until,
-                        wait_while_moving)
+from evvharness import (Raiser, assert_quiet, crash_lines, identity, sweep, virtual,
+                        wait_shm_back, wait_until, wait_while_moving)
 from evvharness.broker import RabbitMQBroker
 
 SEED = 20261127
 OPS = 200
 BURST = 20
 MAX_OUTSTANDING = 4 * BURST
-SHM_SLACK = 64 * 1024
 WARM = 3
 POLICIES = ("FAILOVER", "PARALLEL")
 OPT = "SPOOL(50)"
@@ -87,7 +86,18 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
     spool0 = spool_conservation(srv)
     mark = srv.log.mark()
 
-    raiser = Raiser(srv, sentinels, BURST, MAX_OUTSTANDING, "churn")
+    # a subscription per event whose receiver comes up only after the
+    # churn: every event it gets is a replay, to compare with the spool's
+    # counters (the churned ones replay only to live_unix: UDP never fails,
+    # the dead never take)
+    late = {p: recv.dead() for p in POLICIES}
+    late_sock = {"FAILOVER": virtual(f"FAILOVER {OPT}", late["FAILOVER"]),
+                 "PARALLEL": virtual(f"PARALLEL {OPT}", udp[0], late["PARALLEL"])}
+    for p in POLICIES:
+        srv.subscribe(events[p], late_sock[p])
+
+    # every burst a tag of its own: each raise known by (tag, i)
+    raiser = Raiser(srv, sentinels, BURST, MAX_OUTSTANDING, "churn", unique=True)
     live = {p: set() for p in POLICIES}
     touched = {p: set() for p in POLICIES}
     ops = Counter()
@@ -145,7 +155,7 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
                           f"{sent[ev]} raises of {ev} at its sentinel")
         assert sentinels[ev].tag_count(ev, "churn") == sent[ev], "a sentinel got a raise twice"
     pids = {e["params"]["pid"] for ev in evlist for e in sentinels[ev].events(ev)
-            if e["params"].get("tag") == "churn"}
+            if str(e["params"].get("tag")).startswith("churn/")}
     assert len(pids) >= 2, f"harness: all raises ran in one worker {pids}"
 
     # the spool was exercised: events held, queues overflowed
@@ -153,23 +163,73 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
     assert d_mid["events_spooled"] > 100 and d_mid["events_dropped"] > 0, (
         f"harness: the churn did not fill and overflow the queues {mid} (start {spool0})")
 
+    # the late receivers come up: each gets what its queue held, as
+    # replays, each raise once
+    def late_view(p):
+        [sub] = [s for s in srv.virtual_list(events[p]) if s["socket"] == late_sock[p]]
+        return (sub if p == "FAILOVER" else sub["Subscribers"][1])["Spool"]
+    for p in POLICIES:
+        # (the raise that reached the sentinel may still be holding it)
+        wait_until(lambda: late_view(p)["spooled"] == sent[events[p]], 5,
+                   f"every raise held for the late {p} receiver ({late_view(p)})")
+        assert late_view(p)["held"] == 50, late_view(p)
+        late[p].bind()
+    for p in POLICIES:
+        wait_until(lambda: late_view(p)["held"] == 0, 20, f"the late {p} queue to drain")
+    assert_quiet(list(late.values()), [50, 50], window=0.5)
+    r_late = 0
+    for p in POLICIES:
+        ev, v = events[p], late_view(p)
+        got = Counter(identity(e) for e in late[p].events(ev))
+        raised = raiser.raised(ev)
+        assert set(got) <= set(raised) and max(got.values()) == 1, (p, got)
+        assert v["replayed"] == late[p].count(ev) == 50, (p, v)
+        assert v["spooled"] == sent[ev] and v["dropped"] == sent[ev] - 50, (p, v, sent)
+        r_late += v["replayed"]
+    # the spool's own count of replays against the receivers: the late
+    # ones got theirs; every other replay went to live_unix
+    replayed = spool_conservation(srv)["events_replayed"] - spool0["events_replayed"]
+    at_unix = sum(live_unix.tag_count(ev, "churn") for ev in evlist)
+    assert r_late <= replayed <= r_late + at_unix, (
+        f"events_replayed {replayed}: {r_late} at the late receivers, "
+        f"live_unix got {at_unix} events in all")
+
     # unsubscribe what is left; the core frees them at its next raise walk
     for p in POLICIES:
         for key in sorted(live[p]):
             srv.unsubscribe(events[p], text(key))
+        srv.unsubscribe(events[p], late_sock[p])
     sweep(srv, sentinels, last_op, 2)
+
+    # OpenSIPS core race (3.6.8, 4.0.1; see test_churn.py): a socket left
+    # EVI_PENDING is never expired, listed as expired; unsubscribing again
+    # resets it. Only such a one, and one the test removed, is unsubscribed
+    # again: anything else still listed (an unsubscribe that did not match)
+    # fails
+    removed = {p: {text(k) for k in touched[p]} | {late_sock[p]} for p in POLICIES}
+
+    def leftovers():
+        listed, stuck = {}, {}
+        for p in POLICIES:
+            subs = srv.subscribers_list(events[p])["Event"]["Subscribers"]
+            listed[p] = [s["socket"] for s in subs if s["socket"] != sentinels[events[p]].socket]
+            stuck[p] = [s["socket"] for s in subs if s["socket"].startswith("virtual:")
+                        and s.get("ttl") == "expired" and s["socket"] in removed[p]]
+        return listed, stuck
+    listed, stuck = leftovers()
+    if any(listed.values()):
+        not_stuck = {p: [s for s in listed[p] if s not in stuck[p]] for p in POLICIES}
+        assert not any(not_stuck.values()), (
+            f"still listed, not as expired or not removed by the test: {not_stuck}")
+        for p in POLICIES:
+            for s in stuck[p]:
+                srv.unsubscribe(events[p], s)
+        sweep(srv, sentinels, time.time())
 
     def only_sentinels():
         return all(srv.subscribers(ev) == [sentinels[ev].socket] for ev in evlist)
-    if not only_sentinels():
-        # OpenSIPS core race (3.6.8, 4.0.1; see test_churn.py): a socket left
-        # EVI_PENDING is never expired; unsubscribing again resets it
-        for p in POLICIES:
-            for s in srv.subscribers(events[p]):
-                if s.startswith("virtual:"):
-                    srv.unsubscribe(events[p], s)
-        sweep(srv, sentinels, time.time())
-    wait_until(only_sentinels, 5, "every churned subscription to go", interval=0.1)
+    wait_until(only_sentinels, 5, f"every churned subscription to go (stuck {stuck})",
+               interval=0.1)
     assert [s for s in srv.virtual_list() if s["event"] in evlist] == []
 
     # nothing held; every event spooled is accounted for
@@ -180,7 +240,7 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
     assert end["events_spooled"] == end["events_replayed"] + end["events_dropped"] + \
         end["spool_held"], end
 
-    wait_shm_back(srv, shm0, SHM_SLACK, f"after the churn; spool {end}")
+    wait_shm_back(srv, shm0, context=f"after the churn; spool {end}")
 
     srv.assert_alive("at the end of the churn")
     lines = srv.log.lines_since(mark)
@@ -196,39 +256,55 @@ class Consumer(threading.Thread):
     """Consumes a queue (auto ack) into self.got, reconnecting while the
     broker is down, so that the queue holds next to nothing when the broker
     stops (event_rabbitmq publishes transient messages, which a restart
-    drops from any queue)."""
+    drops from any queue).
+
+    Only the connection's errors (the broker going away) are waited out: a
+    message that is not a JSON-RPC event, or any other error, is kept in
+    self.errors, for the test to fail on (never a message silently lost)."""
 
     def __init__(self, broker, queue):
         super().__init__(daemon=True)
         self.broker, self.queue = broker, queue
         self.got = []
+        self.errors = []
         self.stop_flag = threading.Event()
         self.connected = threading.Event()
 
     def _on_message(self, ch, method, props, body):
-        self.got.append(json.loads(body))
+        try:
+            msg = json.loads(body)
+            msg["params"]["seq"]
+        except Exception as e:
+            self.errors.append(f"message {body[:200]!r}: {e!r}")
+            return
+        self.got.append(msg)
 
     def run(self):
-        while not self.stop_flag.is_set():
-            try:
-                c = self.broker.connect()
-            except Exception:
-                time.sleep(0.1)
-                continue
-            try:
-                ch = c.channel()
-                ch.basic_consume(self.queue, self._on_message, auto_ack=True)
-                self.connected.set()
-                while not self.stop_flag.is_set():
-                    c.process_data_events(time_limit=0.1)
-            except Exception:
-                self.connected.clear()
-                time.sleep(0.1)
-            finally:
+        import pika
+        gone = (pika.exceptions.AMQPError, OSError)  # the broker stopped, or not up yet
+        try:
+            while not self.stop_flag.is_set():
                 try:
-                    c.close()
-                except Exception:
-                    pass
+                    c = self.broker.connect()
+                except gone:
+                    time.sleep(0.1)
+                    continue
+                try:
+                    ch = c.channel()
+                    ch.basic_consume(self.queue, self._on_message, auto_ack=True)
+                    self.connected.set()
+                    while not self.stop_flag.is_set():
+                        c.process_data_events(time_limit=0.1)
+                except gone:
+                    self.connected.clear()
+                    time.sleep(0.1)
+                finally:
+                    try:
+                        c.close()
+                    except gone:
+                        pass
+        except Exception as e:
+            self.errors.append(f"consumer: {e!r}")
 
 
 def _ranges(seqs):
@@ -327,15 +403,20 @@ def test_rabbitmq_restart_while_raising_loses_only_what_event_rabbitmq_reported_
         total = len(raised)
         wait_until(lambda: srv.statistics("event_virtual")["spool_held"] == 0, 60,
                    f"the spool to drain ({srv.statistics('event_virtual')})", interval=0.2)
-        try:
-            wait_until(lambda: len(consumer.got) >= total, 20,
-                       f"{total} messages consumed", interval=0.1)
-        except AssertionError:
-            pass
+        # everything consumed but what may be lost (raised during the stop)
+        may_lose = range(marks["halt"][0], marks["halted"][0])
+
+        def missing_now():
+            got = {m["params"]["seq"] for m in list(consumer.got)}
+            return [s for s in range(total) if s not in got]
+        wait_until(lambda: all(m in may_lose for m in missing_now()) or consumer.errors, 20,
+                   f"{total} messages consumed, but for some raised during the stop "
+                   f"(seq {may_lose.start}-{may_lose.stop - 1})", interval=0.1)
         time.sleep(1)      # a late duplicate would show here
     finally:
         consumer.stop_flag.set()
         consumer.join(5)
+    assert not consumer.errors, consumer.errors
     got = [m["params"]["seq"] for m in consumer.got if m.get("method") == ev]
     st = srv.statistics("event_virtual")
     missing = sorted(set(range(total)) - set(got))

@@ -97,12 +97,17 @@ class Raiser(threading.Thread):
     the workers, over the events in turn, until stopped; never more than
     `ahead` raises ahead of what the sentinels ({event: direct receiver})
     have seen, so the workers' backlog stays small. A server that stops
-    raising altogether for 20 s is an error, kept in `error`."""
+    raising altogether for 20 s is an error, kept in `error`.
 
-    def __init__(self, srv, sentinels, burst, ahead, tag):
+    unique=True gives each burst a tag of its own, `tag/n`, so that every
+    raise is known by (its burst's tag, i): `raised(event)`."""
+
+    def __init__(self, srv, sentinels, burst, ahead, tag, unique=False):
         super().__init__(daemon=True)
         self.srv, self.sentinels = srv, sentinels
         self.burst, self.ahead, self.tag = burst, ahead, tag
+        self.unique = unique
+        self.bursts = []        # (event, tag) of each burst sent
         self.sent = Counter()
         self.stop_flag = threading.Event()
         self.error = None
@@ -110,6 +115,13 @@ class Raiser(threading.Thread):
     def done(self):
         """Raises of this thread the sentinels got."""
         return sum(r.tag_count(ev, self.tag) for ev, r in self.sentinels.items())
+
+    def raised(self, event):
+        """Every raise of `event` this thread asked for, once each: a
+        Counter of (tag, i) (unique=True)."""
+        assert self.unique, "raises are told apart with unique=True only"
+        return Counter((tag, i) for ev, tag in self.bursts if ev == event
+                       for i in range(self.burst))
 
     def wait_burst(self, what):
         """Wait until the sentinels got one more burst of this thread's
@@ -132,19 +144,27 @@ class Raiser(threading.Thread):
                 stall = None
                 ev = events[k % len(events)]
                 k += 1
-                self.srv.send_sip(ev, count=self.burst, tag=self.tag)
+                tag = f"{self.tag}/{k}" if self.unique else self.tag
+                self.bursts.append((ev, tag))
+                self.srv.send_sip(ev, count=self.burst, tag=tag)
                 self.sent[ev] += self.burst
         except Exception as exc:  # reported by the test
             self.error = exc
 
 
-def wait_shm_back(srv, before, slack=64 * 1024, context=""):
-    """Wait until shmem:used_size is within `slack` bytes of `before`;
-    fail with how far off it stayed."""
+def wait_shm_back(srv, before, ops=0, per_op=0, context=""):
+    """Wait until shmem:used_size is back to `before` (taken once the
+    warm-up's first-time allocations were made, and with what the test adds
+    since all released): exactly, or within `per_op` bytes for each of `ops`
+    operations when the server keeps a few bytes of its own (a bound that
+    grows with the operations, not a fixed one that a leak of a few bytes
+    per operation fits under). Fail with how far off it stayed."""
+    slack = ops * per_op
     try:
-        wait_until(lambda: abs(srv.shm_used() - before) <= slack, 5,
+        wait_until(lambda: 0 <= srv.shm_used() - before <= slack, 5,
                    "shmem:used_size to return", interval=0.1)
     except AssertionError:
         used = srv.shm_used()
         raise AssertionError(f"shmem:used_size {used} vs {before} before: "
-                             f"{used - before:+d} bytes {context}") from None
+                             f"{used - before:+d} bytes (allowed {slack}: {per_op} per each of "
+                             f"{ops} operations) {context}") from None

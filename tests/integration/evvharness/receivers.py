@@ -11,6 +11,15 @@ from pathlib import Path
 from .util import DEFAULT_TIMEOUT, wait_until
 
 
+def identity(ev):
+    """(tag, i) of an event the script raised: which raise it was, when
+    every request has a tag of its own."""
+    p = ev.get("params")
+    if isinstance(p, dict):
+        return p.get("tag"), int(p.get("i"))
+    return p[-1], int(p[-2])       # flatstore: pid, i, tag
+
+
 def tag_of(ev):
     """The `tag` parameter of an event a receiver got: a named parameter
     (JSON), or the last field of a flatstore line (`EVENT,pid,i,tag`)."""
@@ -35,12 +44,17 @@ class Receiver:
     def __init__(self):
         self._events = []
         self._tally = Counter()  # (method, tag) -> events
+        self._family = Counter()  # (method, family) -> events tagged family/n
         self._lock = threading.Lock()
 
     def _add(self, ev):
+        tag = tag_of(ev)
         with self._lock:
             self._events.append(ev)
-            self._tally[ev["method"], tag_of(ev)] += 1
+            self._tally[ev["method"], tag] += 1
+            if isinstance(tag, str) and "/" in tag:
+                # a burst's own tag, `family/n`: counted in its family too
+                self._family[ev["method"], tag.split("/", 1)[0]] += 1
 
     def events(self, event=None):
         with self._lock:
@@ -54,9 +68,10 @@ class Receiver:
             return sum(n for (m, _), n in self._tally.items() if m == event)
 
     def tag_count(self, event, tag):
-        """Events of `event` whose `tag` parameter is `tag`."""
+        """Events of `event` whose `tag` parameter is `tag` (or, for a tag
+        without a `/`, `tag/anything`: the bursts of Raiser(unique=True))."""
         with self._lock:
-            return self._tally[event, tag]
+            return self._tally[event, tag] + self._family[event, tag]
 
     def wait_count(self, n, event=None, timeout=DEFAULT_TIMEOUT):
         wait_until(lambda: self.count(event) >= n, timeout,
@@ -215,6 +230,7 @@ class JsonRpcServer(Receiver):
         super().__init__()
         self._mode = mode
         self._held = []  # (conn, request)
+        self._answers = []  # (request, "ok" | "error"), as answered
         self._mlock = threading.Lock()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,6 +249,16 @@ class JsonRpcServer(Receiver):
         with self._mlock:
             self._mode = mode
 
+    def answered(self, event=None, answer=None):
+        """Requests answered so far (of `event`, with `answer` "ok" or
+        "error"), in the order they were answered; a held request is not
+        answered until released."""
+        with self._mlock:
+            got = list(self._answers)
+        return [req for req, a in got
+                if (event is None or req.get("method") == event)
+                and (answer is None or a == answer)]
+
     def held(self):
         with self._mlock:
             return [req for _, req in self._held]
@@ -250,8 +276,11 @@ class JsonRpcServer(Receiver):
             self._reply(conn, req, answer_for(req))
         return [req for _, req in held]
 
-    @staticmethod
-    def _reply(conn, req, answer):
+    def _reply(self, conn, req, answer):
+        # recorded before it is sent (the test may look as soon as the
+        # module has read it), taken back if it could not be sent
+        with self._mlock:
+            self._answers.append((req, answer))
         if answer == "ok":
             reply = {"jsonrpc": "2.0", "id": req["id"], "result": "OK"}
         else:
@@ -260,7 +289,9 @@ class JsonRpcServer(Receiver):
         try:
             conn.sendall(json.dumps(reply).encode())
         except OSError:
-            pass
+            with self._mlock:
+                self._answers.remove((req, answer))
+                self._answers.append((req, answer + " (not sent)"))
 
     def _accept(self):
         while not self._stop:
