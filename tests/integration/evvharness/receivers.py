@@ -237,30 +237,47 @@ class JsonRpcServer(Receiver):
         with self._mlock:
             return [req for _, req in self._held]
 
-    def release(self, answer_for=lambda req: "ok", limit=None):
+    def release(self, answer_for=lambda req: "ok", limit=None, together=False):
         """Answer the held requests (the first `limit` of them, default all);
-        answer_for(request) -> "ok" | "error". Note: event_stream cannot take
-        more than a few answers arriving in one read (it then drops the
-        connection and fails what is pending on it): release one at a time
-        and wait for its effect when that matters."""
+        answer_for(request) -> "ok" | "error". Each answer is a write of its
+        own, or with together=True all of a connection's answers are one
+        write, which event_stream then reads in one read. Note: event_stream
+        cannot take 6 or more answers arriving in one read (it then drops
+        the connection and fails what is pending on it, test_stream_limits.py):
+        release one at a time and wait for its effect when that matters."""
         with self._mlock:
             n = len(self._held) if limit is None else limit
             held, self._held = self._held[:n], self._held[n:]
-        for conn, req in held:
-            self._reply(conn, req, answer_for(req))
+        if together:
+            batches = {}
+            for conn, req in held:
+                batches.setdefault(conn, []).append(self._answer(req, answer_for(req)))
+            for conn, answers in batches.items():
+                self._send(conn, b"".join(answers))
+        else:
+            for conn, req in held:
+                self._send(conn, self._answer(req, answer_for(req)))
         return [req for _, req in held]
 
     @staticmethod
-    def _reply(conn, req, answer):
+    def _answer(req, answer):
         if answer == "ok":
             reply = {"jsonrpc": "2.0", "id": req["id"], "result": "OK"}
         else:
             reply = {"jsonrpc": "2.0", "id": req["id"],
                      "error": {"code": -32000, "message": "refused by test"}}
+        return json.dumps(reply).encode()
+
+    @staticmethod
+    def _send(conn, data):
         try:
-            conn.sendall(json.dumps(reply).encode())
+            conn.sendall(data)
         except OSError:
             pass
+
+    @classmethod
+    def _reply(cls, conn, req, answer):
+        cls._send(conn, cls._answer(req, answer))
 
     def _accept(self):
         while not self._stop:
