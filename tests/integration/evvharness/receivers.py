@@ -263,35 +263,52 @@ class JsonRpcServer(Receiver):
         with self._mlock:
             return [req for _, req in self._held]
 
-    def release(self, answer_for=lambda req: "ok", limit=None):
+    def release(self, answer_for=lambda req: "ok", limit=None, together=False):
         """Answer the held requests (the first `limit` of them, default all);
-        answer_for(request) -> "ok" | "error". Note: event_stream cannot take
-        more than a few answers arriving in one read (it then drops the
-        connection and fails what is pending on it): release one at a time
-        and wait for its effect when that matters."""
+        answer_for(request) -> "ok" | "error". Each answer is a write of its
+        own, or with together=True all of a connection's answers are one
+        write, which event_stream then reads in one read. Note: event_stream
+        cannot take 6 or more answers arriving in one read (it then drops
+        the connection and fails what is pending on it, test_stream_limits.py):
+        release one at a time and wait for its effect when that matters."""
         with self._mlock:
             n = len(self._held) if limit is None else limit
             held, self._held = self._held[:n], self._held[n:]
-        for conn, req in held:
-            self._reply(conn, req, answer_for(req))
+        if together:
+            batches = {}
+            for conn, req in held:
+                batches.setdefault(conn, []).append((req, answer_for(req)))
+            for conn, answers in batches.items():
+                self._reply_all(conn, answers)
+        else:
+            for conn, req in held:
+                self._reply(conn, req, answer_for(req))
         return [req for _, req in held]
 
     def _reply(self, conn, req, answer):
-        # recorded before it is sent (the test may look as soon as the
-        # module has read it), taken back if it could not be sent
+        self._reply_all(conn, [(req, answer)])
+
+    def _reply_all(self, conn, answers):
+        # recorded before they are sent (the test may look as soon as the
+        # module has read them), taken back if they could not be sent
         with self._mlock:
-            self._answers.append((req, answer))
+            self._answers.extend(answers)
+        try:
+            conn.sendall(b"".join(self._answer(req, a) for req, a in answers))
+        except OSError:
+            with self._mlock:
+                for req, a in answers:
+                    self._answers.remove((req, a))
+                    self._answers.append((req, a + " (not sent)"))
+
+    @staticmethod
+    def _answer(req, answer):
         if answer == "ok":
             reply = {"jsonrpc": "2.0", "id": req["id"], "result": "OK"}
         else:
             reply = {"jsonrpc": "2.0", "id": req["id"],
                      "error": {"code": -32000, "message": "refused by test"}}
-        try:
-            conn.sendall(json.dumps(reply).encode())
-        except OSError:
-            with self._mlock:
-                self._answers.remove((req, answer))
-                self._answers.append((req, answer + " (not sent)"))
+        return json.dumps(reply).encode()
 
     def _accept(self):
         while not self._stop:
