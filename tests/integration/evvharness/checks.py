@@ -6,7 +6,7 @@ import threading
 import time
 from collections import Counter
 
-from .util import DEFAULT_TIMEOUT, wait_until
+from .util import DEFAULT_TIMEOUT, wait_until, wait_while_moving
 
 
 def virtual(policy, *subs):
@@ -127,7 +127,10 @@ class Raiser(threading.Thread):
         """Wait until the sentinels got one more burst of this thread's
         raises (or it failed): the workers are raising now."""
         target = self.done() + self.burst
-        wait_until(lambda: self.done() >= target or self.error, 20, what, interval=0.002)
+        # as long as the sentinels' count moves: a loaded machine is slow,
+        # a raise that stalls is not
+        wait_while_moving(lambda: self.done() >= target or self.error, self.done, what,
+                          quiet=20, interval=0.002)
 
     def run(self):
         try:
