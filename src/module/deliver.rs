@@ -47,7 +47,7 @@ pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
 /// HASH: this event's value of the socket's parameter, the bytes it is
 /// placed by (an integer as its decimal text, written into `buf`).  None
 /// for the other policies, and for an event without the parameter.
-pub fn placement_value<'a>(
+fn placement_value<'a>(
     sock: &SockRef,
     event: &Event<'a>,
     buf: &'a mut [u8; 11],
@@ -80,7 +80,7 @@ fn hash_value<'a>(sock: &SockRef, event: &Event<'a>, buf: &'a mut [u8; 11]) -> O
 
 /// Hands one event to one subscriber at a time, on a virtual socket that
 /// the raise or the chain holds a reference on.
-pub struct CoreDriver<'a> {
+struct CoreDriver<'a> {
     sock: &'a SockRef,
     /// The event as the core raised it, during the core's raise.
     core: Option<Event<'a>>,

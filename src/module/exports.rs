@@ -24,7 +24,7 @@ use crate::spool::ModParams;
 use crate::spool::config::DEFAULT_RETRY_MS;
 
 /// `failover_timeout` when the configuration does not set it, in seconds.
-pub const DEFAULT_FAILOVER_TIMEOUT_S: c_int = 30;
+const DEFAULT_FAILOVER_TIMEOUT_S: c_int = 30;
 
 static FAILOVER_TIMEOUT: IntParam = IntParam::new(DEFAULT_FAILOVER_TIMEOUT_S);
 // the spool's (issue 10), checked by `crate::spool::config`
