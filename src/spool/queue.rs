@@ -25,7 +25,6 @@
 //! lock is released.  The counters keep `spooled == replayed + dropped +
 //! held` whenever the lock is free.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use super::budget::Budget;
@@ -63,22 +62,6 @@ pub trait Fifo: Default {
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl<T: Held> Fifo for VecDeque<T> {
-    type Item = T;
-    fn push_back(&mut self, item: T) {
-        VecDeque::push_back(self, item)
-    }
-    fn get(&self, at: usize) -> Option<&T> {
-        VecDeque::get(self, at)
-    }
-    fn remove(&mut self, at: usize) -> Option<T> {
-        VecDeque::remove(self, at)
-    }
-    fn len(&self) -> usize {
-        VecDeque::len(self)
     }
 }
 

@@ -65,6 +65,23 @@ impl Ev {
     }
 }
 
+/// The queue's storage, as the module's `ShmList` behaves.
+impl<T: Held> Fifo for VecDeque<T> {
+    type Item = T;
+    fn push_back(&mut self, item: T) {
+        VecDeque::push_back(self, item)
+    }
+    fn get(&self, at: usize) -> Option<&T> {
+        VecDeque::get(self, at)
+    }
+    fn remove(&mut self, at: usize) -> Option<T> {
+        VecDeque::remove(self, at)
+    }
+    fn len(&self) -> usize {
+        VecDeque::len(self)
+    }
+}
+
 type Handle = u64;
 type Q = Queue<VecDeque<Ev>>;
 
