@@ -11,8 +11,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 /// `failure` instead.
 ///
 /// `AssertUnwindSafe` is sound here: after a panic the body's state is
-/// dropped, and what it shares with other calls lives in shared memory as
-/// atomics, which a panic cannot leave half-written.
+/// dropped, and what it shares with other calls is atomics, which a panic
+/// cannot leave half-written, or state behind a lock whose holder aborts
+/// rather than unwind (the module's critical sections must guarantee it).
 pub fn guard<R>(failure: R, report: impl FnOnce(&str), body: impl FnOnce() -> R) -> R {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(r) => r,
