@@ -45,8 +45,14 @@ static GROUPS: OnceLock<Vec<Group>> = OnceLock::new();
 /// mod_init: the region of `bytes` in restart-persistent memory, what a
 /// previous run left in it kept for its subscriptions.
 pub fn init(bytes: u64, grace_ms: u64) -> Result<(), String> {
-    let block = rpm::block(c"event_virtual", (bytes / 8) as usize)
-        .map_err(|e| format!("restart_persistency: {e}"))?;
+    let block = rpm::block(c"event_virtual", (bytes / 8) as usize).map_err(|e| {
+        // F_MALLOC takes a block of more than half the free memory only
+        // from a larger bucket: the first start needs twice the size
+        format!(
+            "restart_persistency: {e}: its region takes spool_max_memory ({bytes} bytes), \
+             and restart_persistency_size must be at least twice that (MB)"
+        )
+    })?;
     // the sum's key, from the OS's randomness
     let secret = || {
         use std::hash::{BuildHasher, Hasher};
