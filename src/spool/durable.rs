@@ -270,9 +270,15 @@ impl<'a> Region<'a> {
     }
 
     /// The record enters its queue: it gets the next sequence number and is
-    /// kept from now on.
+    /// kept from now on.  One a start found keeps its number, so that a
+    /// crash in the middle of putting a queue back leaves its order as it
+    /// was.
     pub fn commit(&self, slot: u32) {
-        let (slot, k) = (slot as usize, self.word(slot as usize, 0) >> 32);
+        let (slot, head) = (slot as usize, self.word(slot as usize, 0));
+        let k = head >> 32;
+        if head & 0xffff_ffff == COMMITTED {
+            return;
+        }
         let seq = self.w[W_SEQ].fetch_add(1, Relaxed) + 1;
         self.set_word(slot, 1, seq);
         self.set_word(slot, 0, COMMITTED | k << 32);
@@ -568,6 +574,26 @@ mod tests {
         for s in again {
             assert!(!found.records.iter().any(|&(k, _)| k == s));
         }
+    }
+
+    #[test]
+    fn a_found_record_keeps_its_number() {
+        let w = words(4096);
+        let r = Region::format(&w, 42);
+        let mut cursor = 0;
+        let old: Vec<u32> = (0..3)
+            .map(|n| record(&r, &mut cursor, n, 10).unwrap())
+            .collect();
+        old.iter().for_each(|&s| r.commit(s));
+        let (r, found) = Region::open(&w).unwrap();
+        // the first is put back into its queue, a new event follows, and
+        // the server dies before the other two are put back
+        r.commit(found.records[0].0);
+        let new = record(&r, &mut cursor, 9, 10).unwrap();
+        r.commit(new);
+        let (r, found) = Region::open(&w).unwrap();
+        let order: Vec<i32> = found.records.iter().map(|&(s, _)| n_of(&r, s)).collect();
+        assert_eq!(order, [0, 1, 2, 9]);
     }
 
     #[test]
