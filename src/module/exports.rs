@@ -5,12 +5,13 @@
 #![forbid(unsafe_code)]
 
 use std::ffi::c_int;
+use std::sync::atomic::Ordering;
 
 use super::hooks::Virtual;
 use super::mi_list::{HashByIndex, HashBySocket, ListAll, ListEvent, Retry};
 use super::shared::{
-    self, DELIVERED, DROPPED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, REPLAYED, RESTORE_DROPPED,
-    RESTORED, SPOOLED, UNKEYED, UNPERSISTED,
+    self, DELIVERED, DROPPED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, REPLAYED, SPOOLED, UNKEYED,
+    UNPERSISTED,
 };
 use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
@@ -64,14 +65,22 @@ impl Gauge for SpoolMemory {
     }
 }
 
-/// `restore_waiting`: events a previous run held, waiting for their
-/// subscription.
-struct RestoreWaiting;
-impl Gauge for RestoreWaiting {
-    fn value() -> u64 {
-        super::persist::get().map_or(0, |p| p.waiting.load(std::sync::atomic::Ordering::Relaxed))
-    }
+/// Restart persistency's counts (`super::persist::Persist`): since the
+/// start, never reset.
+macro_rules! persist_gauge {
+    ($name:ident, $field:ident) => {
+        struct $name;
+        impl Gauge for $name {
+            fn value() -> u64 {
+                let count = |p: &super::persist::Persist| p.$field.load(Ordering::Relaxed);
+                super::persist::get().map_or(0, count)
+            }
+        }
+    };
 }
+persist_gauge!(Restored, restored);
+persist_gauge!(RestoreWaiting, waiting);
+persist_gauge!(RestoreDropped, dropped);
 
 static STATS: Stats<16> = Table([
     EVENTS.export(c"events"),
@@ -85,9 +94,9 @@ static STATS: Stats<16> = Table([
     DROPPED.export(c"events_dropped"),
     gauge_export::<SpoolHeld>(c"spool_held"),
     gauge_export::<SpoolMemory>(c"spool_memory"),
-    RESTORED.export(c"events_restored"),
+    gauge_export::<Restored>(c"events_restored"),
     gauge_export::<RestoreWaiting>(c"restore_waiting"),
-    RESTORE_DROPPED.export(c"restore_dropped"),
+    gauge_export::<RestoreDropped>(c"restore_dropped"),
     UNPERSISTED.export(c"events_unpersisted"),
     STATS_END,
 ]);

@@ -29,8 +29,12 @@ pub struct Persist {
     /// Which of the waiting groups (`super::restore`) were claimed or
     /// dropped; held while a group moves into its queues.
     pub claimed: lock::Mutex<[bool; MAX_GROUPS]>,
-    /// Events still waiting for their subscription.
+    /// Events still waiting for their subscription; put back into it;
+    /// dropped (at the start, or after the grace).  Counted here rather
+    /// than in statistics, which the core registers after mod_init.
     pub waiting: AtomicU64,
+    pub restored: AtomicU64,
+    pub dropped: AtomicU64,
     /// When the waiting ones are dropped (ms, shared clock): the start
     /// and the grace.
     pub deadline_ms: u64,
@@ -42,12 +46,19 @@ impl Tail for Persist {}
 static PERSIST: OnceLock<&'static Persist> = OnceLock::new();
 
 /// mod_init: the block over `region`.
-pub fn make(region: Region<'static>, waiting: u64, grace_ms: u64) -> Result<(), &'static str> {
+pub fn make(
+    region: Region<'static>,
+    waiting: u64,
+    dropped: u64,
+    grace_ms: u64,
+) -> Result<(), &'static str> {
     let block = shm::leak(Persist {
         region,
         cursor: lock::Mutex::new(0),
         claimed: lock::Mutex::new([false; MAX_GROUPS]),
         waiting: AtomicU64::new(waiting),
+        restored: AtomicU64::new(0),
+        dropped: AtomicU64::new(dropped),
         deadline_ms: now_ms().saturating_add(grace_ms),
         grace_ms,
     })

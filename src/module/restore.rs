@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::held;
 use super::persist::{self, MAX_GROUPS, Persist, Record};
-use super::shared::{self, DROPPED, RESTORE_DROPPED, RESTORED, add, wall_ms};
+use super::shared::{self, DROPPED, add, wall_ms};
 use super::spool::{self, Name};
 use super::vsock::{self, SockRef};
 use crate::opensips::event::{EventCopy, ParamValue};
@@ -60,19 +60,23 @@ pub fn init(bytes: u64, grace_ms: u64) -> Result<(), String> {
             .build_hasher()
             .finish()
     };
-    let (region, found) = match Region::open(block.words) {
-        Ok(opened) => opened,
-        Err(why) => {
+    let (region, found, foreign) = match Region::open(block.words) {
+        Ok((region, found)) => (region, found, 0),
+        Err((why, kept)) => {
             if block.found {
                 log!(
                     WARN,
-                    "restart persistency: what the previous run kept is dropped: {why}"
+                    "restart persistency: the {kept} held events the previous run kept are dropped: {why}"
                 );
             }
-            (Region::format(block.words, secret()), Found::default())
+            (
+                Region::format(block.words, secret()),
+                Found::default(),
+                kept,
+            )
         }
     };
-    let mut dropped = found.torn + found.in_doubt + found.corrupt;
+    let mut dropped = foreign + found.torn + found.in_doubt + found.corrupt;
     let mut groups: Vec<Group> = Vec::new();
     for &(slot, _) in &found.records {
         let payload = region.payload(slot);
@@ -104,17 +108,16 @@ pub fn init(bytes: u64, grace_ms: u64) -> Result<(), String> {
         groups.len(),
         if dropped > 0 {
             format!(
-                ", dropped {dropped} ({} torn by a crash, {} in flight at the stop, {} corrupt or over {MAX_GROUPS} subscriptions)",
+                ", dropped {dropped} ({foreign} of another layout, {} torn by a crash, {} in flight at the stop, {} corrupt or over {MAX_GROUPS} subscriptions)",
                 found.torn,
                 found.in_doubt,
-                dropped - found.torn - found.in_doubt
+                dropped - foreign - found.torn - found.in_doubt
             )
         } else {
             String::new()
         }
     );
-    add(&RESTORE_DROPPED, dropped);
-    persist::make(region, waiting, grace_ms)?;
+    persist::make(region, waiting, dropped, grace_ms)?;
     let _ = GROUPS.set(groups);
     Ok(())
 }
@@ -145,8 +148,8 @@ pub fn claim(event: &[u8], sock: &SockRef) {
         }
     });
     for (restored, lost) in moved {
-        add(&RESTORED, restored);
-        add(&RESTORE_DROPPED, lost);
+        p.restored.fetch_add(restored, Relaxed);
+        p.dropped.fetch_add(lost, Relaxed);
         log!(
             NOTICE,
             "'{}' of event '{}': restored {restored} held events{}",
@@ -227,7 +230,7 @@ pub fn sweep() {
         let n = group.slots.len() as u64;
         group.slots.iter().for_each(|&s| drop(Record::adopt(s)));
         p.waiting.fetch_sub(n, Relaxed);
-        add(&RESTORE_DROPPED, n);
+        p.dropped.fetch_add(n, Relaxed);
         log!(
             WARN,
             "'virtual:{}' of event '{}' was not subscribed again within {} s: {n} held events dropped",
@@ -245,7 +248,9 @@ pub fn render(root: &Item) -> Result<(), Full> {
     };
     let claimed = critical(&p.claimed, |c| *c);
     let o = root.object("Restart")?;
+    o.number("restored", p.restored.load(Relaxed) as f64)?;
     o.number("waiting", p.waiting.load(Relaxed) as f64)?;
+    o.number("dropped", p.dropped.load(Relaxed) as f64)?;
     let list = o.array("Waiting")?;
     let drop_in = p.deadline_ms.saturating_sub(now_ms()).div_ceil(1000);
     let unclaimed = groups.iter().enumerate().filter(|(g, _)| !claimed[*g]);

@@ -20,8 +20,6 @@ pub static UNKEYED: Stat = Stat::unregistered();
 pub static SPOOLED: Stat = Stat::unregistered();
 pub static REPLAYED: Stat = Stat::unregistered();
 pub static DROPPED: Stat = Stat::unregistered();
-pub static RESTORED: Stat = Stat::unregistered();
-pub static RESTORE_DROPPED: Stat = Stat::unregistered();
 pub static UNPERSISTED: Stat = Stat::unregistered();
 
 /// Milliseconds of the wall clock: what outlives a restart.

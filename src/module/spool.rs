@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::held;
 use super::persist::{self, Record};
@@ -166,16 +167,21 @@ pub fn close(sock: &SockRef) {
 /// destroy: what was still held is lost with the server, or kept in
 /// restart-persistent memory for the next start.
 pub fn shutdown() {
-    if let Some(sp) = shared::spool() {
-        let held = sp.budget.held();
-        if persist::get().is_some() {
-            log!(
-                NOTICE,
-                "shutdown: {held} held events kept for the next start"
-            );
-        } else if held > 0 {
-            add(&DROPPED, held);
-            log!(WARN, "shutdown: {held} held events dropped");
-        }
+    let Some(sp) = shared::spool() else { return };
+    let held = sp.budget.held();
+    // what waits for its subscription since the start is kept too
+    let kept = persist::get().map_or(0, |p| {
+        p.region.kept().saturating_sub(p.waiting.load(Relaxed))
+    });
+    let lost = held.saturating_sub(kept);
+    if kept > 0 {
+        log!(
+            NOTICE,
+            "shutdown: {kept} held events kept for the next start"
+        );
+    }
+    if lost > 0 {
+        add(&DROPPED, lost);
+        log!(WARN, "shutdown: {lost} held events dropped");
     }
 }

@@ -40,6 +40,10 @@ const W_VERSION: usize = 1;
 const W_WORDS: usize = 2;
 const W_SECRET: usize = 3;
 const W_SEQ: usize = 4;
+/// Records kept (committed or leased): what a region of another version
+/// still says it dropped, since these six words mean the same in every
+/// version.
+const W_KEPT: usize = 5;
 
 const FREE: u64 = 0;
 const WRITING: u64 = 1;
@@ -103,14 +107,18 @@ impl<'a> Region<'a> {
 
     /// The region a previous run left in `w`, its whole records kept and
     /// the rest freed.  No process may use it meanwhile.
-    /// Err says why it is not one: what its header says.
-    pub fn open(w: &'a [AtomicU64]) -> Result<(Region<'a>, Found), String> {
+    /// Err says why it is not one (what its header says), and how many
+    /// records it says it kept.
+    pub fn open(w: &'a [AtomicU64]) -> Result<(Region<'a>, Found), (String, u64)> {
         let word = |i: usize| w.get(i).map_or(0, |x| x.load(Acquire));
+        let kept = word(W_KEPT);
         match [word(W_MAGIC), word(W_VERSION), word(W_WORDS)] {
             [MAGIC, VERSION, n] if n == w.len() as u64 => {}
-            [MAGIC, VERSION, n] => return Err(format!("its header says {n} words")),
-            [MAGIC, v, _] => return Err(format!("it has layout version {v}, not {VERSION}")),
-            _ => return Err("it is not one of this module's".into()),
+            [MAGIC, VERSION, n] => return Err((format!("its header says {n} words"), kept)),
+            [MAGIC, v, _] => {
+                return Err((format!("it is of layout version {v}, not {VERSION}"), kept));
+            }
+            _ => return Err(("it is not one of this module's".into(), 0)),
         }
         let r = Region::lay(w);
         for x in &w[HEADER..r.base] {
@@ -148,6 +156,7 @@ impl<'a> Region<'a> {
         found.records.sort_by_key(|&(_, seq)| seq);
         let seq = &w[W_SEQ];
         seq.store(seq.load(Relaxed).max(last_seq), Relaxed);
+        w[W_KEPT].store(found.records.len() as u64, Relaxed);
         Ok((r, found))
     }
 
@@ -259,6 +268,12 @@ impl<'a> Region<'a> {
         let seq = self.w[W_SEQ].fetch_add(1, Relaxed) + 1;
         self.set_word(slot, 1, seq);
         self.set_word(slot, 0, COMMITTED | k << 32);
+        self.w[W_KEPT].fetch_add(1, Relaxed);
+    }
+
+    /// Records kept now: what a start would find.
+    pub fn kept(&self) -> u64 {
+        self.w[W_KEPT].load(Relaxed)
     }
 
     /// An attempt may deliver it (`true`), or has failed (`false`).
@@ -272,8 +287,12 @@ impl<'a> Region<'a> {
     /// lock, with the bitmap).
     pub fn free(&self, slot: u32) {
         let slot = slot as usize;
-        let k = ((self.word(slot, 0) >> 32) as usize).min(self.slots - slot);
+        let head = self.word(slot, 0);
+        let k = ((head >> 32) as usize).min(self.slots - slot);
         self.clear(slot, k);
+        if matches!(head & 0xffff_ffff, COMMITTED | LEASED) {
+            self.w[W_KEPT].fetch_sub(1, Relaxed);
+        }
         self.mark(slot, k, false);
     }
 
@@ -590,10 +609,16 @@ mod tests {
     #[test]
     fn another_layout_is_refused() {
         let w = words(1024);
-        Region::format(&w, 1);
+        let mut cursor = 0;
+        let r = Region::format(&w, 1);
+        for n in 0..3 {
+            r.commit(record(&r, &mut cursor, n, 10).unwrap());
+        }
+        r.free(record(&r, &mut cursor, 3, 10).unwrap());
+        assert_eq!(r.kept(), 3);
         w[W_VERSION].store(2, Relaxed);
         let why = Region::open(&w).err();
-        assert_eq!(why.as_deref(), Some("it has layout version 2, not 1"));
+        assert_eq!(why, Some(("it is of layout version 2, not 1".into(), 3)));
         w[W_MAGIC].store(3, Relaxed);
         assert!(Region::open(&w).is_err());
         let rnd = words(1024);
