@@ -111,7 +111,9 @@ impl<'a> Region<'a> {
     /// records it says it kept.
     pub fn open(w: &'a [AtomicU64]) -> Result<(Region<'a>, Found), (String, u64)> {
         let word = |i: usize| w.get(i).map_or(0, |x| x.load(Acquire));
-        let kept = word(W_KEPT);
+        // a count no region of this size could hold is no count
+        let kept = Some(word(W_KEPT)).filter(|&k| k <= (w.len() / SLOT_WORDS) as u64);
+        let kept = kept.unwrap_or(0);
         match [word(W_MAGIC), word(W_VERSION), word(W_WORDS)] {
             [MAGIC, VERSION, n] if n == w.len() as u64 => {}
             [MAGIC, VERSION, n] => return Err((format!("its header says {n} words"), kept)),
