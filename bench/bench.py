@@ -336,18 +336,6 @@ class BenchOpenSips(OpenSips):
         except BaseException as e:  # the harness fails through pytest.fail
             raise SystemExit(f"bench: {e}") from None
 
-    def pids(self):
-        """Every live process of this OpenSIPS (its process group)."""
-        out = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid:
-                out.append(int(stat.parent.name))
-        return out
-
 
 def cpu_ns(pids):
     """CPU time (ns, user + system) the processes used so far
