@@ -48,6 +48,21 @@ void evv_shm_free(void *p);
 /* update_stat on a registered statistic; var may be NULL (not registered) */
 void evv_stat_update(stat_var *var, long n);
 
+/* The parameter after *it (the first when *it is NULL) that has a value:
+ * its kind (EVV_PARAM_NONE after the last), its name and its value; *it
+ * moves to it. */
+int evv_param_next(const evi_params_t *params, const void **it,
+	const char **name, int *name_len, const char **s, int *len, int *n);
+
+/* The restart-persistent block stored under key (rpm_key_get): 1 and the
+ * one a previous run left, else 0 and a new one of size bytes after its
+ * size word; -1 when restart persistency is unavailable (rpm_init_mem
+ * failed), -2 when it has no room.  The block starts with an unsigned long,
+ * the size of what follows.  mod_init only: rpm_malloc is not crash-safe. */
+int evv_rpm_block(char *key, unsigned long size, void **block);
+/* restart_persistency_size, in bytes */
+unsigned long evv_rpm_size(void);
+
 /* Calls visit once for every live subscription (expired ones are skipped,
  * not removed) through transport trans, of
  * every event or of the one named by filter, while that event's subscriber

@@ -14,6 +14,7 @@
 #include "dprint.h"
 #include "version.h"
 #include "mem/shm_mem.h"
+#include "mem/rpm_mem.h"
 #include "locking.h"
 #include "evi/evi_transport.h"
 #include "evi/event_interface.h"
@@ -117,6 +118,59 @@ int evv_param_value(const evi_params_t *params, const char *name,
 		return EVV_PARAM_NONE;
 	}
 	return EVV_PARAM_NONE;
+}
+
+int evv_param_next(const evi_params_t *params, const void **it,
+	const char **name, int *name_len, const char **s, int *len, int *n)
+{
+	const evi_param_t *p;
+
+	if (!params)
+		return EVV_PARAM_NONE;
+	for (p = *it ? ((const evi_param_t *)*it)->next : params->first; p;
+			p = p->next) {
+		if (!(p->flags & (EVI_STR_VAL|EVI_INT_VAL)))
+			continue;
+		*it = p;
+		*name = p->name.s;
+		*name_len = p->name.len;
+		if (p->flags & EVI_STR_VAL) {
+			*s = p->val.s.s;
+			*len = p->val.s.len;
+			return EVV_PARAM_STR;
+		}
+		*n = p->val.n;
+		return EVV_PARAM_INT;
+	}
+	return EVV_PARAM_NONE;
+}
+
+int evv_rpm_block(char *key, unsigned long size, void **block)
+{
+	unsigned long *b;
+
+	if (rpm_init_mem() < 0)
+		return -1;
+	b = rpm_key_get(key);
+	if (b) {
+		*block = b;
+		return 1;
+	}
+	b = rpm_malloc(sizeof *b + size);
+	if (!b)
+		return -2;
+	b[0] = size;
+	if (rpm_key_set(key, b) < 0) {
+		rpm_free(b);
+		return -2;
+	}
+	*block = b;
+	return 0;
+}
+
+unsigned long evv_rpm_size(void)
+{
+	return rpm_mem_size;
 }
 
 /* the core's events; no header declares them */

@@ -94,6 +94,20 @@ pub fn printed_key(text: &[u8]) -> Option<&[u8]> {
     hash_key(head).ok().flatten()
 }
 
+/// A printed text without its `SPOOL(...)` option, in two parts: what
+/// names a subscription across a restart (the option is not identity).
+pub fn identity(text: &[u8]) -> [&[u8]; 2] {
+    let head = text.split(|&b| b == b' ').next().unwrap_or_default();
+    let rest = &text[head.len()..];
+    match rest.strip_prefix(b" SPOOL(") {
+        Some(r) => [
+            head,
+            &r[r.iter().position(|&b| b == b' ').unwrap_or(r.len())..],
+        ],
+        None => [head, rest],
+    }
+}
+
 pub use crate::text::quote;
 
 /// The transport name a virtual socket is registered under; it may not
@@ -385,6 +399,17 @@ mod tests {
             assert_eq!(&out[*off..off + len], s.token);
         }
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn identity_leaves_out_the_option() {
+        let id = |t: &str| identity(t.as_bytes()).concat();
+        assert_eq!(
+            id("FAILOVER SPOOL(5,60) udp:a:1 udp:b:2"),
+            b"FAILOVER udp:a:1 udp:b:2"
+        );
+        assert_eq!(id("HASH(callid) udp:a:1"), b"HASH(callid) udp:a:1");
+        assert_eq!(id("PARALLEL SPOOL(0)"), b"PARALLEL");
     }
 
     #[test]

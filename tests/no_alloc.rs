@@ -244,3 +244,39 @@ fn the_spool_allocates_nothing() {
     assert_eq!(allocations() - before, 0, "the spool allocated");
     assert!(freed > 0);
 }
+
+#[test]
+fn a_durable_record_allocates_nothing() {
+    // restart persistency (issue 17): writing a held event's record, its
+    // commit, lease and free touch only the region's words
+    use event_virtual::spool::durable::{Key, Len, Region, Value, encode};
+    use std::sync::atomic::AtomicU64;
+    let words: Vec<AtomicU64> = (0..8192).map(|_| AtomicU64::new(0)).collect();
+    let region = Region::format(&words, 7);
+    let key = Key {
+        event: b"E_ACC_CDR",
+        text: [b"FAILOVER", b" unix:/run/a unix:/run/b"],
+        queue: 0,
+    };
+    let value = [b'v'; 300];
+    let params = || {
+        [
+            (&b"callid"[..], Value::Str(&value)),
+            (&b"n"[..], Value::Int(1)),
+        ]
+        .into_iter()
+    };
+    let mut cursor = 0;
+    let before = allocations();
+    for born in 0..1000 {
+        let mut len = Len::default();
+        encode(&mut len, &key, born, params());
+        let slot = region.reserve(&mut cursor, len.0).expect("room");
+        region.write(slot, len.0, |w| encode(w, &key, born, params()));
+        region.commit(slot);
+        region.lease(slot, true);
+        region.lease(slot, false);
+        region.free(slot);
+    }
+    assert_eq!(allocations() - before, 0, "a durable record allocated");
+}

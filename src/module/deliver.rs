@@ -25,6 +25,10 @@ use crate::text::Quoted;
 /// The core's raise: true when delivered or accepted, to report later.
 pub fn raise(event: Event<'_>, sock: SockRef) -> bool {
     EVENTS.add(1);
+    // what a previous run held for this subscription goes first
+    if super::restore::waiting() {
+        super::restore::claim(event.name(), &sock);
+    }
     // a spool that holds events: this one goes behind them (one load when
     // it is empty, or when there is no spool)
     if sock.policy != Policy::Parallel && sock.queues().first().is_some_and(|q| q.held() > 0) {

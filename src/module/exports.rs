@@ -9,7 +9,8 @@ use std::ffi::c_int;
 use super::hooks::Virtual;
 use super::mi_list::{HashByIndex, HashBySocket, ListAll, ListEvent, Retry};
 use super::shared::{
-    self, DELIVERED, DROPPED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, REPLAYED, SPOOLED, UNKEYED,
+    self, DELIVERED, DROPPED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, REPLAYED, RESTORE_DROPPED,
+    RESTORED, SPOOLED, UNKEYED, UNPERSISTED,
 };
 use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
@@ -32,13 +33,18 @@ static SPOOL_SIZE: IntParam = IntParam::new(0);
 static SPOOL_MAX_AGE: IntParam = IntParam::new(0);
 static SPOOL_MAX_MEMORY: StrParam = StrParam::new();
 static SPOOL_RETRY_INTERVAL: IntParam = IntParam::new(DEFAULT_RETRY_MS as c_int);
+// issue 17's
+static RESTART_PERSISTENCY: IntParam = IntParam::new(0);
+static RESTART_PERSISTENCY_GRACE: IntParam = IntParam::new(300);
 
-static PARAMS: Params<6> = Table([
+static PARAMS: Params<8> = Table([
     FAILOVER_TIMEOUT.export(c"failover_timeout"),
     SPOOL_SIZE.export(c"spool_size"),
     SPOOL_MAX_AGE.export(c"spool_max_age"),
     SPOOL_MAX_MEMORY.export(c"spool_max_memory"),
     SPOOL_RETRY_INTERVAL.export(c"spool_retry_interval"),
+    RESTART_PERSISTENCY.export(c"restart_persistency"),
+    RESTART_PERSISTENCY_GRACE.export(c"restart_persistency_grace"),
     PARAMS_END,
 ]);
 
@@ -58,7 +64,16 @@ impl Gauge for SpoolMemory {
     }
 }
 
-static STATS: Stats<12> = Table([
+/// `restore_waiting`: events a previous run held, waiting for their
+/// subscription.
+struct RestoreWaiting;
+impl Gauge for RestoreWaiting {
+    fn value() -> u64 {
+        super::persist::get().map_or(0, |p| p.waiting.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+static STATS: Stats<16> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
@@ -70,6 +85,10 @@ static STATS: Stats<12> = Table([
     DROPPED.export(c"events_dropped"),
     gauge_export::<SpoolHeld>(c"spool_held"),
     gauge_export::<SpoolMemory>(c"spool_memory"),
+    RESTORED.export(c"events_restored"),
+    gauge_export::<RestoreWaiting>(c"restore_waiting"),
+    RESTORE_DROPPED.export(c"restore_dropped"),
+    UNPERSISTED.export(c"events_unpersisted"),
     STATS_END,
 ]);
 
@@ -152,7 +171,27 @@ impl Module for EventVirtual {
             spool_retry_interval: SPOOL_RETRY_INTERVAL.get().into(),
         }
         .check(shm_total())?;
+        let budget = config.budget_bytes;
         shared::make_spool(config)?;
+        match (
+            RESTART_PERSISTENCY.get(),
+            u64::try_from(RESTART_PERSISTENCY_GRACE.get()),
+        ) {
+            (0, Ok(_)) => {}
+            (1, Ok(grace)) => super::restore::init(budget, grace * 1000)?,
+            (_, Ok(_)) => {
+                return Err(format!(
+                    "restart_persistency must be 0 (off) or 1, not {}",
+                    RESTART_PERSISTENCY.get()
+                ));
+            }
+            (_, Err(_)) => {
+                return Err(format!(
+                    "restart_persistency_grace must be 0 or more seconds, not {}",
+                    RESTART_PERSISTENCY_GRACE.get()
+                ));
+            }
+        }
         let registered = TRANSPORT.register();
         registered
             .then_some(())

@@ -20,7 +20,13 @@ pub struct Virtual;
 impl Hooks for Virtual {
     fn parse(address: &[u8]) -> *mut evi_reply_sock {
         match SockRef::open(address) {
-            Ok(sock) => sock.into_core(),
+            Ok(sock) => {
+                // the replay process claims what waits for it
+                if super::restore::waiting() {
+                    super::spool::ring();
+                }
+                sock.into_core()
+            }
             Err(e) => {
                 log!(ERR, "refusing virtual socket '{}': {e}", Quoted(address));
                 null_mut()

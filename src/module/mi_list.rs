@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use super::held::Queue;
-use super::shared::rules;
+use super::shared::{rules, wall_ms};
 use super::vsock::{self, SockRef};
 use crate::opensips::mi::{Full, Handler, Item, Params, Response};
 use crate::opensips::now_ms;
@@ -17,12 +17,6 @@ use crate::spool::Reason;
 /// its event's subscriber list was locked; the references keep the sockets
 /// for the rendering, after the lock.
 type Listed = Vec<(Vec<u8>, SockRef, Option<u32>)>;
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 fn render_state(so: &Item, state: State, wall_ms: u64) -> Result<(), Full> {
     match state {
@@ -133,8 +127,11 @@ fn collect(filter: Option<&[u8]>) -> Result<Listed, Response> {
 
 fn list(filter: Option<&[u8]>) -> Response {
     match collect(filter) {
-        Ok(list) => Response::result(|root| render(root, &list))
-            .unwrap_or_else(|Full| Response::error(500, "out of memory building the list")),
+        Ok(list) => Response::result(|root| {
+            render(root, &list)?;
+            super::restore::render(root)
+        })
+        .unwrap_or_else(|Full| Response::error(500, "out of memory building the list")),
         Err(resp) => resp,
     }
 }

@@ -3,9 +3,11 @@
 //! `crate::spool`.  Each file uses only those listed before it:
 //!
 //! - `shared`: what every process shares: statistics, rules, the spool's block;
+//! - `persist`: held events' records in restart-persistent memory;
 //! - `held`: a held event and the spool queue's storage;
 //! - `vsock`: the virtual socket in shared memory and its references;
 //! - `spool`: holding events in a socket's queues;
+//! - `restore`: what a previous run held, back into its subscription's queues;
 //! - `deliver`: one event offered to the subscribers, its asynchronous
 //!   chains and its accounting;
 //! - `replay`: the spool's replay process and MI retry;
@@ -18,7 +20,9 @@ pub mod exports;
 pub mod held;
 pub mod hooks;
 pub mod mi_list;
+pub mod persist;
 pub mod replay;
+pub mod restore;
 pub mod shared;
 pub mod spool;
 pub mod vsock;

@@ -20,6 +20,16 @@ pub static UNKEYED: Stat = Stat::unregistered();
 pub static SPOOLED: Stat = Stat::unregistered();
 pub static REPLAYED: Stat = Stat::unregistered();
 pub static DROPPED: Stat = Stat::unregistered();
+pub static RESTORED: Stat = Stat::unregistered();
+pub static RESTORE_DROPPED: Stat = Stat::unregistered();
+pub static UNPERSISTED: Stat = Stat::unregistered();
+
+/// Milliseconds of the wall clock: what outlives a restart.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Add a count that may not fit a statistic's update.
 pub fn add(stat: &Stat, n: u64) {

@@ -9,6 +9,7 @@
 use std::fmt;
 
 use super::held;
+use super::persist::{self, Record};
 use super::shared::{self, DELIVERED, DROPPED, REPLAYED, SPOOLED, add};
 use super::vsock::SockRef;
 use crate::opensips::event::{Event, EventCopy};
@@ -59,7 +60,12 @@ pub fn push(
     let (Some(sp), Some(queue)) = (shared::spool(), sock.queues().get(qi)) else {
         return Pushed::Lost;
     };
-    let Some(node) = copy.or_else(|| EventCopy::new(event)).and_then(held::node) else {
+    let copy = copy.or_else(|| EventCopy::new(event));
+    let record = |c: &EventCopy| Record::write(event, sock.text(), qi, c.born_ms());
+    let Some(node) = copy.and_then(|c| {
+        let r = record(&c);
+        held::node(c, r)
+    }) else {
         log!(
             ERR,
             "out of shared memory holding event '{}' of '{}': lost",
@@ -157,11 +163,17 @@ pub fn close(sock: &SockRef) {
     }
 }
 
-/// destroy: what was still held is lost with the server.
+/// destroy: what was still held is lost with the server, or kept in
+/// restart-persistent memory for the next start.
 pub fn shutdown() {
     if let Some(sp) = shared::spool() {
         let held = sp.budget.held();
-        if held > 0 {
+        if persist::get().is_some() {
+            log!(
+                NOTICE,
+                "shutdown: {held} held events kept for the next start"
+            );
+        } else if held > 0 {
             add(&DROPPED, held);
             log!(WARN, "shutdown: {held} held events dropped");
         }

@@ -120,15 +120,64 @@ impl<'a> Event<'a> {
         }
     }
 
+    /// Its parameters that have a value, in order.
+    pub fn params(&self) -> Params<'a> {
+        Params {
+            params: self.params,
+            at: std::ptr::null(),
+            life: PhantomData,
+        }
+    }
+
     pub(super) fn parts(&self) -> (*mut sip_msg, *mut str_, *mut evi_params_t) {
         (self.msg, self.name, self.params)
     }
 }
 
 /// An event parameter's value.
+#[derive(Clone, Copy)]
 pub enum ParamValue<'a> {
     Str(&'a [u8]),
     Int(i32),
+}
+
+/// An event's parameters: (name, value).
+pub struct Params<'a> {
+    params: *mut evi_params_t,
+    at: *const std::ffi::c_void,
+    life: PhantomData<&'a ()>,
+}
+
+impl<'a> Iterator for Params<'a> {
+    type Item = (&'a [u8], ParamValue<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (mut name, mut name_len) = (std::ptr::null(), 0);
+        let (mut s, mut len, mut n) = (std::ptr::null(), 0, 0);
+        // SAFETY: the parameters are null or the event's, valid for 'a;
+        // `at` is null or one of them, as the shim left it; the shim only
+        // reads them, and points name and s into them.
+        let kind = unsafe {
+            sys::evv_param_next(
+                self.params,
+                &mut self.at,
+                &mut name,
+                &mut name_len,
+                &mut s,
+                &mut len,
+                &mut n,
+            )
+        };
+        let str_of = |s: *const std::ffi::c_char, len| str_ { s: s.cast_mut(), len };
+        // SAFETY: the name and the string are the event's, valid for 'a.
+        let name = unsafe { str::bytes(&str_of(name, name_len)) };
+        match kind as u32 {
+            // SAFETY: as the name.
+            sys::evv_param_kind_EVV_PARAM_STR => Some((name, ParamValue::Str(unsafe { str::bytes(&str_of(s, len)) }))),
+            sys::evv_param_kind_EVV_PARAM_INT => Some((name, ParamValue::Int(n))),
+            _ => None,
+        }
+    }
 }
 
 /// The name and parameters of an event, copied into shared memory: what
@@ -161,6 +210,43 @@ impl Drop for Copied {
 impl EventCopy {
     /// None when out of shared memory.
     pub fn new(event: &Event<'_>) -> Option<EventCopy> {
+        Self::born(event, super::now_ms())
+    }
+
+    /// A copy of an event made of its parts (what a record kept), born at
+    /// `born_ms`; None when out of memory or a part is too long for the core.
+    pub fn rebuild(name: &[u8], params: &[(&[u8], ParamValue<'_>)], born_ms: u64) -> Option<Self> {
+        // SAFETY: no preconditions; null when out of memory.
+        let list = unsafe { sys::evi_get_params() };
+        if list.is_null() {
+            return None;
+        }
+        let mut name = str::of(name)?;
+        let added = params.iter().all(|(pname, value)| {
+            let Some(pname) = str::of(pname) else { return false };
+            // SAFETY: list is ours; the core keeps the name's and the
+            // string's pointers (into `params`, which outlive the list) and
+            // copies the integer.
+            let r = unsafe {
+                match *value {
+                    ParamValue::Int(n) => sys::evi_param_add(list, &pname, (&raw const n).cast(), sys::EVI_INT_VAL as c_int),
+                    ParamValue::Str(v) => match str::of(v) {
+                        Some(v) => sys::evi_param_add(list, &pname, (&raw const v).cast(), sys::EVI_STR_VAL as c_int),
+                        None => -1,
+                    },
+                }
+            };
+            r == 0
+        });
+        // SAFETY: the list and the name are valid for the copy.
+        let event = unsafe { Event::from_core(null_mut(), &mut name, list) };
+        let copy = if added { Self::born(&event, born_ms) } else { None };
+        // SAFETY: ours, from evi_get_params; the copy took what it needs.
+        unsafe { sys::evi_free_params(list) };
+        copy
+    }
+
+    fn born(event: &Event<'_>, born_ms: u64) -> Option<EventCopy> {
         let name = event.name();
         // SAFETY: the event's parameters are null or valid for its life.
         let params_size = unsafe { sys::evv_params_size(event.params) };
@@ -177,7 +263,7 @@ impl EventCopy {
         let head = Copied {
             name: str::EMPTY,
             params,
-            born_ms: super::now_ms(),
+            born_ms,
             params_size,
         };
         let mut copy = ShmRc::new(head, name.len(), |t| t.copy_from_slice(name))?;

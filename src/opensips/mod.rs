@@ -1,5 +1,5 @@
 //! Thin, safe wrappers over the OpenSIPS core and the C shim: strings,
-//! logging, shared memory, events, transports, MI and the module's
+//! logging, shared memory, restart-persistent memory, events, transports, MI and the module's
 //! declaration.  Nothing here knows the module built on it, and nothing
 //! here imports from outside this layer (`tests/layers.rs` checks it).
 //!
@@ -35,6 +35,7 @@ core_only! {
     pub(crate) mod log;
     pub(crate) mod mi;
     pub(crate) mod module;
+    pub(crate) mod rpm;
     pub(crate) mod str;
     pub(crate) mod transport;
 

@@ -16,6 +16,7 @@
 //! - [`wake`]: when the replay process tries a queue next, and its doorbell.
 //! - [`episode`]: drops are logged once per episode, with a count.
 //! - [`replay`]: one round of the replay process.
+//! - [`durable`]: held events in restart-persistent memory (issue 17).
 //! - [`lock`]: the spinlock that works across processes, and what a panic
 //!   under it does.
 
@@ -23,6 +24,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod durable;
 pub mod episode;
 pub mod lock;
 pub mod queue;

@@ -48,6 +48,9 @@ pub trait Held {
     type Event: Clone;
     fn meta(&self) -> Meta;
     fn event(&self) -> Self::Event;
+    /// An attempt is leased it (`true`), or failed it (`false`): a
+    /// persisted event says so, under the lock.
+    fn leased(&self, _leased: bool) {}
 }
 
 /// The queue's storage: first in, first out, plus taking out the second
@@ -298,7 +301,9 @@ impl<F: Fifo> Queue<F> {
                 return None;
             }
             self.expire_locked(s, budget, now_ms, &mut expired);
-            let event = s.fifo.get(0)?.event();
+            let head = s.fifo.get(0)?;
+            head.leased(true);
+            let event = head.event();
             s.seq += 1;
             s.token = s.seq;
             s.in_flight_since = now_ms;
@@ -347,6 +352,9 @@ impl<F: Fifo> Queue<F> {
             // windows rule again
             s.force = Force::None;
             s.retry_at = now_ms.saturating_add(s.limits.retry_ms);
+            if let Some(head) = s.fifo.get(0) {
+                head.leased(false);
+            }
             Finish::Retry {
                 retry_at_ms: s.retry_at,
             }
