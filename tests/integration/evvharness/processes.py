@@ -7,7 +7,6 @@ import resource
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
@@ -33,14 +32,16 @@ def spawn(argv, log_path, cwd, env=None):
 def _live_processes():
     """{pid: (ppid, pgid)} of every process that is not a zombie."""
     out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    # not Path.glob: it stats each entry, and one that ends meanwhile fails it
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            # after the command's closing parenthesis: state ppid pgrp ...
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/stat") as f:
+                # after the command's closing parenthesis: state ppid pgrp ...
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if fields[0] != "Z":
-            out[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+            out[int(pid)] = (int(fields[1]), int(fields[2]))
     return out
 
 
