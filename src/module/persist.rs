@@ -71,7 +71,7 @@ impl Record {
 
     /// Write `event`, held for queue `queue` of the subscription printed
     /// `text`; None when durability is off, or (counted) when the region
-    /// has no room or the event cannot be kept.
+    /// has no room.
     pub fn write(event: &Event<'_>, text: &[u8], queue: usize, born_ms: u64) -> Option<Record> {
         let p = get()?;
         let key = Key {
@@ -83,9 +83,7 @@ impl Record {
         let born = wall_ms().saturating_sub(now_ms().saturating_sub(born_ms));
         let mut len = Len::default();
         durable::encode(&mut len, &key, born, params());
-        let slot = durable::encodable(&key, params())
-            .then(|| critical(&p.cursor, |c| p.region.reserve(c, len.0)))
-            .flatten();
+        let slot = critical(&p.cursor, |c| p.region.reserve(c, len.0));
         let Some(slot) = slot else {
             UNPERSISTED.add(1);
             return None;

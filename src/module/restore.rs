@@ -129,6 +129,10 @@ pub fn claim(event: &[u8], sock: &SockRef) {
     let (Some(p), Some(groups)) = (persist::get(), GROUPS.get()) else {
         return;
     };
+    // most raises are of events nothing waits for
+    if !groups.iter().any(|g| g.event == event) {
+        return;
+    }
     let text = socket::identity(sock.text()).concat();
     let mut moved = Vec::new();
     critical(&p.claimed, |claimed| {

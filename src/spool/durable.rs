@@ -66,27 +66,6 @@ pub struct Found {
     pub corrupt: u64,
 }
 
-/// Why a region was not opened: what its header says.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Foreign {
-    /// Not a region of this module (no magic).
-    NoMagic,
-    /// Of another layout version.
-    Version(u64),
-    /// Its size is not the one recorded.
-    Size(u64),
-}
-
-impl std::fmt::Display for Foreign {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Foreign::NoMagic => write!(f, "it is not one of this module's"),
-            Foreign::Version(v) => write!(f, "it has layout version {v}, not {VERSION}"),
-            Foreign::Size(n) => write!(f, "its header says {n} words"),
-        }
-    }
-}
-
 fn mix(h: u64, w: u64) -> u64 {
     let h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h ^ (h >> 29)
@@ -124,16 +103,14 @@ impl<'a> Region<'a> {
 
     /// The region a previous run left in `w`, its whole records kept and
     /// the rest freed.  No process may use it meanwhile.
-    pub fn open(w: &'a [AtomicU64]) -> Result<(Region<'a>, Found), Foreign> {
+    /// Err says why it is not one: what its header says.
+    pub fn open(w: &'a [AtomicU64]) -> Result<(Region<'a>, Found), String> {
         let word = |i: usize| w.get(i).map_or(0, |x| x.load(Acquire));
-        if word(W_MAGIC) != MAGIC {
-            return Err(Foreign::NoMagic);
-        }
-        if word(W_VERSION) != VERSION {
-            return Err(Foreign::Version(word(W_VERSION)));
-        }
-        if word(W_WORDS) != w.len() as u64 {
-            return Err(Foreign::Size(word(W_WORDS)));
+        match [word(W_MAGIC), word(W_VERSION), word(W_WORDS)] {
+            [MAGIC, VERSION, n] if n == w.len() as u64 => {}
+            [MAGIC, VERSION, n] => return Err(format!("its header says {n} words")),
+            [MAGIC, v, _] => return Err(format!("it has layout version {v}, not {VERSION}")),
+            _ => return Err("it is not one of this module's".into()),
         }
         let r = Region::lay(w);
         for x in &w[HEADER..r.base] {
@@ -270,9 +247,15 @@ impl<'a> Region<'a> {
     }
 
     /// The record enters its queue: it gets the next sequence number and is
-    /// kept from now on.
+    /// kept from now on.  One a start found keeps its number, so that a
+    /// crash in the middle of putting a queue back leaves its order as it
+    /// was.
     pub fn commit(&self, slot: u32) {
-        let (slot, k) = (slot as usize, self.word(slot as usize, 0) >> 32);
+        let (slot, head) = (slot as usize, self.word(slot as usize, 0));
+        let k = head >> 32;
+        if head & 0xffff_ffff == COMMITTED {
+            return;
+        }
         let seq = self.w[W_SEQ].fetch_add(1, Relaxed) + 1;
         self.set_word(slot, 1, seq);
         self.set_word(slot, 0, COMMITTED | k << 32);
@@ -384,7 +367,7 @@ pub struct Key<'a> {
 /// ms), and the event's parameters.
 ///
 /// ```text
-/// queue u16 | born u64 | event u16+bytes | text u32+bytes | (kind u8 | name u16+bytes | i32 or u32+bytes)*
+/// queue u16 | born u64 | event, text: u32 length + bytes | (kind u8 | name | i32, or a string)*
 /// ```
 pub fn encode<'v>(
     out: &mut impl Sink,
@@ -394,33 +377,29 @@ pub fn encode<'v>(
 ) {
     out.put(&key.queue.to_le_bytes());
     out.put(&born_ms.to_le_bytes());
-    out.put(&(key.event.len() as u16).to_le_bytes());
-    out.put(key.event);
-    out.put(&((key.text[0].len() + key.text[1].len()) as u32).to_le_bytes());
-    out.put(key.text[0]);
-    out.put(key.text[1]);
+    bytes(out, &[key.event]);
+    bytes(out, &key.text);
     for (name, value) in params {
-        let kind = if let Value::Int(_) = value { 1 } else { 2 };
-        out.put(&[kind]);
-        out.put(&(name.len() as u16).to_le_bytes());
-        out.put(name);
         match value {
-            Value::Int(n) => out.put(&n.to_le_bytes()),
+            Value::Int(n) => {
+                out.put(&[1]);
+                bytes(out, &[name]);
+                out.put(&n.to_le_bytes());
+            }
             Value::Str(s) => {
-                out.put(&(s.len() as u32).to_le_bytes());
-                out.put(s);
+                out.put(&[2]);
+                bytes(out, &[name]);
+                bytes(out, &[s]);
             }
         }
     }
 }
 
-/// Whether [`encode`] can keep these: names and the event's name under
-/// 64 KiB.
-pub fn encodable<'v>(
-    key: &Key<'_>,
-    mut params: impl Iterator<Item = (&'v [u8], Value<'v>)>,
-) -> bool {
-    key.event.len() <= u16::MAX as usize && params.all(|(name, _)| name.len() <= u16::MAX as usize)
+/// A length (u32) and the bytes of `parts`, one after the other.
+fn bytes(out: &mut impl Sink, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.put(&(len as u32).to_le_bytes());
+    parts.iter().for_each(|p| out.put(p));
 }
 
 /// A decoded payload.
@@ -446,12 +425,7 @@ impl<'a> Reader<'a> {
         self.take(N)?.try_into().ok()
     }
 
-    fn bytes16(&mut self) -> Option<&'a [u8]> {
-        let n = u16::from_le_bytes(self.array()?);
-        self.take(n as usize)
-    }
-
-    fn bytes32(&mut self) -> Option<&'a [u8]> {
+    fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = u32::from_le_bytes(self.array()?);
         self.take(n as usize)
     }
@@ -462,15 +436,15 @@ pub fn decode(payload: &[u8]) -> Option<Decoded<'_>> {
     let mut r = Reader(payload);
     let queue = u16::from_le_bytes(r.array()?);
     let born_ms = u64::from_le_bytes(r.array()?);
-    let event = r.bytes16()?;
-    let text = r.bytes32()?;
+    let event = r.bytes()?;
+    let text = r.bytes()?;
     let mut params = Vec::new();
     while !r.0.is_empty() {
         let [kind] = r.array()?;
-        let name = r.bytes16()?;
+        let name = r.bytes()?;
         let value = match kind {
             1 => Value::Int(i32::from_le_bytes(r.array()?)),
-            2 => Value::Str(r.bytes32()?),
+            2 => Value::Str(r.bytes()?),
             _ => return None,
         };
         params.push((name, value));
@@ -571,6 +545,26 @@ mod tests {
     }
 
     #[test]
+    fn a_found_record_keeps_its_number() {
+        let w = words(4096);
+        let r = Region::format(&w, 42);
+        let mut cursor = 0;
+        let old: Vec<u32> = (0..3)
+            .map(|n| record(&r, &mut cursor, n, 10).unwrap())
+            .collect();
+        old.iter().for_each(|&s| r.commit(s));
+        let (r, found) = Region::open(&w).unwrap();
+        // the first is put back into its queue, a new event follows, and
+        // the server dies before the other two are put back
+        r.commit(found.records[0].0);
+        let new = record(&r, &mut cursor, 9, 10).unwrap();
+        r.commit(new);
+        let (r, found) = Region::open(&w).unwrap();
+        let order: Vec<i32> = found.records.iter().map(|&(s, _)| n_of(&r, s)).collect();
+        assert_eq!(order, [0, 1, 2, 9]);
+    }
+
+    #[test]
     fn a_leased_record_is_dropped_a_corrupt_one_counted() {
         let w = words(2048);
         let r = Region::format(&w, 1);
@@ -598,9 +592,10 @@ mod tests {
         let w = words(1024);
         Region::format(&w, 1);
         w[W_VERSION].store(2, Relaxed);
-        assert_eq!(Region::open(&w).err(), Some(Foreign::Version(2)));
+        let why = Region::open(&w).err();
+        assert_eq!(why.as_deref(), Some("it has layout version 2, not 1"));
         w[W_MAGIC].store(3, Relaxed);
-        assert_eq!(Region::open(&w).err(), Some(Foreign::NoMagic));
+        assert!(Region::open(&w).is_err());
         let rnd = words(1024);
         for (i, x) in rnd.iter().enumerate() {
             x.store((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), Relaxed);

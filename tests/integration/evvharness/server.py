@@ -26,7 +26,8 @@ VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomple
                  "failovers", "events_unkeyed")
 # ... and the spool's (issue 10), there whether a spool is configured or not
 SPOOL_STATS = ("events_spooled", "events_replayed", "events_dropped", "spool_held",
-               "spool_memory")
+               "spool_memory", "events_restored", "restore_waiting", "restore_dropped",
+               "events_unpersisted")
 
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
 # in the worker that handles it, with params tag (X-Tag), i (loop index)
