@@ -494,6 +494,39 @@ def test_kill_during_a_replay(durable, recv):
     assert_counted(st)
 
 
+def test_the_event_in_flight_at_a_kill_is_dropped_and_counted(durable, recv):
+    """An asynchronous subscriber that has an attempt of the head and does
+    not answer yet: the kill leaves it in doubt (it may have arrived). It
+    is not offered again after the start; the others are, in order."""
+    srv = durable(stream_timeout=60000)
+    rpc = recv.tcp("error")
+    ev = srv.new_event()
+    sock = virtual("FAILOVER SPOOL(100)", rpc)
+    srv.subscribe(ev, sock)
+    burst(srv, ev, 0, 10)
+    wait_stat(srv, "spool_held", 10)
+    rpc.set_mode("hold")
+    wait_until(lambda: rpc.held(), 15, "an attempt the subscriber holds")
+    [req] = rpc.held()
+    assert seq({"params": req["params"]}) == 0, req
+    srv.kill_all()
+    before = len(rpc.events(ev))
+
+    srv.start()
+    assert found(srv) == (9, 1, 1)
+    line = [l for l in srv.log.lines_since(srv.start_mark) if "restart persistency: found" in l]
+    assert "1 in flight at the stop" in line[0], line
+    rpc.set_mode("ok")
+    srv.subscribe(ev, sock)
+    burst(srv, ev, 10, 1)
+    wait_until(lambda: len(rpc.answered(ev, "ok")) >= 10, 30, "the 9 kept and the new one")
+    assert_quiet([rpc], [rpc.count(ev)], ev)
+    assert [seq(e) for e in rpc.events(ev)[before:]] == list(range(1, 11))
+    st = stats(srv)
+    assert (st["events_restored"], st["restore_dropped"], st["restore_waiting"]) == (9, 1, 0), st
+    assert_counted(st)
+
+
 # ---- a subscription that never comes back --------------------------------
 
 def test_held_events_not_claimed_within_the_grace_are_dropped(durable, recv):
