@@ -343,8 +343,8 @@ class BenchOpenSips(OpenSips):
         rmq = ('loadmodule "event_rabbitmq.so"\n'
                'modparam("event_rabbitmq", "connect_timeout", 500)\n' if self.rabbitmq else "")
         cfg = BENCH_CFG.format(
-            core=self.core_lines, log_level=self.log_level, workers=self.workers, sip_port=self.sip_port,
-            mi_port=self.mi_port, mpath=f"{OPENSIPS_SRC}/modules/", module=self.module,
+            core=self.core_lines, log_level=self.log_level, workers=self.workers,
+            sip_port=self.sip_port, mi_port=self.mi_port, mpath=f"{OPENSIPS_SRC}/modules/", module=self.module,
             failover_timeout=self.failover_timeout, extra=self.extra, rabbitmq=rmq,
             cases=cases)
         self.cfg_path = self.workdir / "opensips.cfg"
