@@ -25,7 +25,15 @@ this module), and prints rates and the ratios to compare:
             --spool-events event_stream events drains into its subscriber
             when it comes back (ours only, on a third OpenSIPS with
             failover_timeout 0 and spool_retry_interval 50), against the
-            direct event_stream rate.
+            direct event_stream rate;
+  durable   restart persistency on (issue 17), this module only: ROUND-ROBIN and
+            FAILOVER x3 with SPOOL(1000) on an OpenSIPS of their own, on and
+            empty, against the same with it off (the spool rows); and the
+            replay after a restart: --spool-events held event_stream events,
+            a clean stop and a start, then events per second from the
+            subscription made again until the last held event was replayed
+            (the claim, within ~1 s, is part of the time), against the spool
+            replay without a restart.
 
 Rows are in ROWS below, one line each; `--only GROUP,...` picks groups (the
 rows they are compared to come along). Synchronous rows: rate = raises per
@@ -68,7 +76,7 @@ from evvharness.processes import die_with_parent, group_alive  # noqa: E402
 
 C_MODULE = OPENSIPS_SRC / "modules" / "event_virtual" / "event_virtual.so"
 
-GROUPS = ("sync", "scale", "async", "rabbitmq", "spool")
+GROUPS = ("sync", "scale", "async", "rabbitmq", "spool", "durable")
 
 
 # --------------------------------------------------------------------------
@@ -88,6 +96,7 @@ class Row:
     share: int = 1      # ideal = base rate / share (PARALLEL x3: 3)
     target: float = None  # reported (never asserted): ratio to the ideal >= target
     c_has_it: bool = True  # False: a policy the C module does not have
+    durable: bool = False  # on an OpenSIPS with restart_persistency on
 
     @property
     def event(self):
@@ -144,6 +153,13 @@ ROWS = [
     # measured by ReplayRun: rate = held events replayed per second
     Row("spool", "SPR", "FAILOVER SPOOL replay, event_stream, 2 params", "replay",
         f"{FO} SPOOL({{n}})", 1, True, "SD", c_has_it=False),
+    Row("durable", "RR_SD", "ROUND-ROBIN x3 SPOOL(1000) durable, no params", "udp",
+        f"{RR} SPOOL(1000)", 3, False, "RR_S", target=0.95, c_has_it=False, durable=True),
+    Row("durable", "FO_SD", "FAILOVER x3 SPOOL(1000) durable, no params", "udp",
+        f"{FO} SPOOL(1000)", 3, False, "FO_S", target=0.95, c_has_it=False, durable=True),
+    # measured by ReplayRun (durable): held, a clean stop and a start, replayed
+    Row("durable", "SPRR", "FAILOVER SPOOL replay after a restart, event_stream, 2 params",
+        "replay", f"{FO} SPOOL({{n}})", 1, True, "SPR", c_has_it=False, durable=True),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 # ratios printed under the tables besides each row's own: (row, compared to)
@@ -157,12 +173,13 @@ FAILOVER_TIMEOUT = 3600
 
 
 def select_rows(groups):
-    """Rows of the groups, plus the rows they are compared to."""
+    """Rows of the groups, plus the rows they are compared to (and theirs)."""
     keys = {r.key for r in ROWS if r.group in groups}
-    for r in ROWS:
-        if r.key in keys and r.base:
-            keys.add(r.base)
-    return [r for r in ROWS if r.key in keys]
+    while True:
+        more = {r.base for r in ROWS if r.key in keys and r.base} - keys
+        if not more:
+            return [r for r in ROWS if r.key in keys]
+        keys |= more
 
 
 # --------------------------------------------------------------------------
@@ -244,7 +261,7 @@ def on_signal(signum, _frame):
 # --------------------------------------------------------------------------
 
 BENCH_CFG = """\
-log_level = {log_level}
+{core}log_level = {log_level}
 stderror_enabled = yes
 syslog_enabled = no
 disable_core_dump = yes
@@ -303,7 +320,7 @@ class BenchOpenSips(OpenSips):
     """The harness's server (start, stop, MI) with the bench script."""
 
     def __init__(self, workdir, module, rows, args, rabbitmq, failover_timeout=None,
-                 extra=""):
+                 extra="", durable=None):
         super().__init__(workdir, workers=args.workers, log_level=args.log_level)
         self.module = Path(module)
         self.rows = rows
@@ -311,6 +328,11 @@ class BenchOpenSips(OpenSips):
         self.failover_timeout = FAILOVER_TIMEOUT if failover_timeout is None \
             else failover_timeout
         self.extra = extra
+        self.core_lines = ""
+        if durable:  # spool_max_memory in MB: restart persistency on
+            self.core_lines = (f'restart_persistency_cache_file = "{self.workdir}/rpm.cache"\n'
+                               f"restart_persistency_size = {2 * durable + 4}\n")
+            self.extra += 'modparam("event_virtual", "restart_persistency", 1)\n'
 
     def _write_cfg(self):
         def case(r):
@@ -321,8 +343,8 @@ class BenchOpenSips(OpenSips):
         rmq = ('loadmodule "event_rabbitmq.so"\n'
                'modparam("event_rabbitmq", "connect_timeout", 500)\n' if self.rabbitmq else "")
         cfg = BENCH_CFG.format(
-            log_level=self.log_level, workers=self.workers, sip_port=self.sip_port,
-            mi_port=self.mi_port, mpath=f"{OPENSIPS_SRC}/modules/", module=self.module,
+            core=self.core_lines, log_level=self.log_level, workers=self.workers,
+            sip_port=self.sip_port, mi_port=self.mi_port, mpath=f"{OPENSIPS_SRC}/modules/", module=self.module,
             failover_timeout=self.failover_timeout, extra=self.extra, rabbitmq=rmq,
             cases=cases)
         self.cfg_path = self.workdir / "opensips.cfg"
@@ -336,17 +358,13 @@ class BenchOpenSips(OpenSips):
         except BaseException as e:  # the harness fails through pytest.fail
             raise SystemExit(f"bench: {e}") from None
 
-    def pids(self):
-        """Every live process of this OpenSIPS (its process group)."""
-        out = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid:
-                out.append(int(stat.parent.name))
-        return out
+
+def megabytes(size):
+    """A spool_max_memory text (K, M or G) in whole MB, rounded up."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    u = size[-1:].upper()
+    n = int(size[:-1]) * units[u] if u in units else int(size)
+    return -(-n // (1 << 20))
 
 
 def cpu_ns(pids):
@@ -680,19 +698,27 @@ class ServerRun:
     memory), warms up and sizes the rows, then measures a row at a time.
     results: {key: {"rate": [...], "cpu": [...], "shm": bytes, "error": str}}."""
 
-    def __init__(self, label, module, rows, args, workdir, reaper, rpc, broker):
+    # the spool_max_memory of a durable server (restart persistency on), MB
+    DURABLE_MB = 4
+
+    def __init__(self, label, module, rows, args, workdir, reaper, rpc, broker,
+                 durable=False):
         self.label = label
         self.module = module
-        self.rows = [r for r in rows if r.transport != "replay"]  # ReplayRun's
+        # the replay rows are ReplayRun's; the durable rows a durable server's
+        self.rows = [r for r in rows if r.transport != "replay" and r.durable == durable]
         self.args = args
         self.reaper = reaper
+        extra = (f'modparam("event_virtual", "spool_max_memory", "{self.DURABLE_MB}M")\n'
+                 if durable else "")
         self.srv = BenchOpenSips(workdir, module, self.rows, args,
-                                 rabbitmq=broker is not None)
+                                 rabbitmq=broker is not None, extra=extra,
+                                 durable=self.DURABLE_MB if durable else None)
         self.subs = Subscribers(workdir, rpc, broker)
         self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
                                 "lost": []} for r in rows}
         for r in rows:
-            if r.transport == "replay" and label == "C":
+            if (r.transport == "replay" or r.durable) and label == "C":
                 self.results[r.key]["error"] = "the C module has no spool"
         self.runner = None
         self.counts = {}
@@ -792,10 +818,10 @@ class ReplayRun(ServerRun):
 
     RETRY_MS = 50
 
-    def __init__(self, module, rows, args, workdir, reaper, rpc):
-        self.label = "ours spool"
+    def __init__(self, module, rows, args, workdir, reaper, rpc, durable=False):
+        self.label = "ours spool" + (" durable" if durable else "")
         self.module = module
-        self.rows = [r for r in rows if r.transport == "replay"]
+        self.rows = [r for r in rows if r.transport == "replay" and r.durable == durable]
         self.args = args
         self.reaper = reaper
         self.rpc = rpc
@@ -803,7 +829,11 @@ class ReplayRun(ServerRun):
         extra = (f'modparam("event_virtual", "spool_retry_interval", {self.RETRY_MS})\n'
                  f'modparam("event_virtual", "spool_max_memory", "{args.spool_memory}")\n')
         self.srv = BenchOpenSips(workdir, module, self.rows, args, rabbitmq=False,
-                                 failover_timeout=0, extra=extra)
+                                 failover_timeout=0, extra=extra,
+                                 durable=megabytes(args.spool_memory) if durable else None)
+        self.durable = durable
+        self.restarts = []  # seconds from the stop to MI answering again
+        self.socks = {}
         self.subs = Subscribers(workdir, rpc, None)
         self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
                                 "lost": []} for r in self.rows}
@@ -822,8 +852,8 @@ class ReplayRun(ServerRun):
             self.ports[r.key] = port
             size = max(1000, 2 * self.n * self.args.workers)
             used0 = self.srv.shm_used()
-            self.srv.subscribe(r.event, virtual(r.policy.format(n=size),
-                                                f"tcp:127.0.0.1:{port}"))
+            self.socks[r.key] = virtual(r.policy.format(n=size), f"tcp:127.0.0.1:{port}")
+            self.srv.subscribe(r.event, self.socks[r.key])
             self.results[r.key]["shm"] = self.srv.shm_used() - used0
         self.runner = Runner(self.srv, self.subs, self.args.workers, ours=True)
 
@@ -855,10 +885,22 @@ class ReplayRun(ServerRun):
             return None, why
         if s1["events_dropped"] != s0["events_dropped"]:
             return None, f"events_dropped +{s1['events_dropped'] - s0['events_dropped']}"
+        if self.durable:  # a clean stop and a start: the held events wait
+            t_stop = time.perf_counter()
+            self.srv.stop_clean()
+            self.srv.start()
+            self.restarts.append(time.perf_counter() - t_stop)
+            self.reaper.tell("pgid", self.srv.proc.pid)
+            self.runner.all_pids = self.srv.pids()
+            s0 = s1 = self.srv.virtual_stats()
+            if s1["restore_waiting"] != total:
+                return None, f"restore_waiting {s1['restore_waiting']} of {total} after the start"
         got0 = self.rpc.counts().get(row.event, 0)
         cpu0 = cpu_ns(self.runner.all_pids)
         t0 = time.perf_counter()
         self.rpc.open(port)
+        if self.durable:  # the subscription made again claims them
+            self.srv.subscribe(row.event, self.socks[row.key])
         try:
             s2, why = self._wait("replaying", lambda s: s["events_replayed"]
                                  - s1["events_replayed"] >= total)
@@ -873,6 +915,8 @@ class ReplayRun(ServerRun):
             return None, f"the subscriber got {got} of {total}"
         if s2["events_dropped"] != s0["events_dropped"]:
             return None, f"events_dropped +{s2['events_dropped'] - s0['events_dropped']}"
+        if self.durable and s2["restore_dropped"]:
+            return None, f"restore_dropped {s2['restore_dropped']}"
         return total / (t1 - t0), cpu * 1e6 / total
 
     def warm_up(self):
@@ -1008,8 +1052,8 @@ def build_tables(rows, ours, c, stat):
                     "-" if x is None else ("yes" if x >= r.target else "NO")
                     for x in (orat, crat))]
             table.append(cells)
-        tables[group if group != "spool" else f"spool_{'replay' if is_async else 'empty'}"] \
-            = table
+        tables[group if group not in ("spool", "durable")
+               else f"{group}_{'replay' if is_async else 'empty'}"] = table
     return tables
 
 
@@ -1089,6 +1133,11 @@ TITLES = {
     "spool_empty": "Spool on and empty (UDP subscribers never fail), against no spool",
     "spool_replay": "Spool replay: a full FAILOVER SPOOL queue drained into its event_stream "
                     "subscriber when it comes back (events/s), against direct event_stream",
+    "durable_empty": "Restart persistency on, spool on and empty (UDP subscribers never fail), "
+                     "against it off",
+    "durable_replay": "Replay after a restart: the held events of a clean stop, from the "
+                      "subscription made again until the last is replayed (events/s), against "
+                      "the replay without a restart",
 }
 
 
@@ -1213,9 +1262,13 @@ def main():
             rpc = RpcServer(reaper)
         runs = [ServerRun("ours", EVV_MODULE.resolve(), rows, args, workdir / "ours",
                           reaper, rpc, broker)]
-        if any(r.transport == "replay" for r in rows):
-            runs.append(ReplayRun(EVV_MODULE.resolve(), rows, args, workdir / "ours-spool",
-                                  reaper, rpc))
+        if any(r.durable and r.transport != "replay" for r in rows):
+            runs.append(ServerRun("ours durable", EVV_MODULE.resolve(), rows, args,
+                                  workdir / "ours-durable", reaper, rpc, None, durable=True))
+        for durable in (False, True):
+            if any(r.transport == "replay" and r.durable == durable for r in rows):
+                runs.append(ReplayRun(EVV_MODULE.resolve(), rows, args, workdir / (
+                    "ours-spool" + ("-durable" if durable else "")), reaper, rpc, durable))
         if args.no_c:
             c_note = "C module run skipped (--no-c)"
         elif C_MODULE.is_file():
@@ -1230,9 +1283,14 @@ def main():
             for run in runs:
                 run.stop()
         ours = runs[0].results
-        for run in runs:
-            if isinstance(run, ReplayRun):
-                ours.update(run.results)
+        for run in runs[1:]:
+            if run.label.startswith("ours"):  # the rows it measured
+                ours.update({r.key: run.results[r.key] for r in run.rows})
+            if getattr(run, "restarts", None):
+                notes.append(f"{run.label}: a clean stop and a start with "
+                             f"{args.spool_events} events held took "
+                             f"{statistics.median(run.restarts):.2f} s (median of "
+                             f"{len(run.restarts)}, until MI answers)")
         c = next((run.results for run in runs if run.label == "C"), None)
         for run in runs:
             if run.dead:
@@ -1283,7 +1341,10 @@ def main():
                     + (f"; spool replay: {args.spool_events} events per measurement, "
                        f"spool_max_memory {args.spool_memory}, failover_timeout 0, "
                        f"spool_retry_interval {ReplayRun.RETRY_MS} ms"
-                       if any(r.transport == "replay" for r in rows) else "")),
+                       if any(r.transport == "replay" for r in rows) else "")
+                    + (f"; durable: restart_persistency 1 (restart_persistency_size 2 x "
+                       f"spool_max_memory + 4 MB), spool_max_memory {ServerRun.DURABLE_MB}M "
+                       f"for the empty rows" if any(r.durable for r in rows) else "")),
         ("command", cmd),
         ("took", f"{total:.0f} s"),
     ]

@@ -7,7 +7,6 @@ import resource
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
@@ -30,6 +29,22 @@ def spawn(argv, log_path, cwd, env=None):
             preexec_fn=die_with_parent)
 
 
+def _live_processes():
+    """{pid: (ppid, pgid)} of every process that is not a zombie."""
+    out = {}
+    # not Path.glob: it stats each entry, and one that ends meanwhile fails it
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # after the command's closing parenthesis: state ppid pgrp ...
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            out[int(pid)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
 def group_alive(pgid):
     """Some member of process group pgid runs (zombies do not count)."""
     try:
@@ -39,14 +54,50 @@ def group_alive(pgid):
     except PermissionError:
         return True
     # zombies still count for killpg; look for live members
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    return any(g == pgid for _, g in _live_processes().values())
+
+
+def family(leader):
+    """Live pids of what spawn() started as `leader`: its process group and
+    every descendant of the leader, in that group or not (a child that
+    left the group, or whose parent died, is still found by either)."""
+    procs = _live_processes()
+    found = {pid for pid, (_, g) in procs.items() if g == leader}
+    found |= {leader} if leader in procs else set()
+    while True:
+        more = {pid for pid, (pp, _) in procs.items() if pp in found} - found
+        if not more:
+            return found
+        found |= more
+
+
+def kill_family(proc, grace=10.0):
+    """SIGKILL to every process of family(proc.pid) at once (the group with
+    one killpg, then each one found outside it), again until none is left;
+    the leader is reaped. Returns the pids killed. A process still there
+    after `grace` seconds fails."""
+    killed = set()
+    deadline = time.monotonic() + grace
+    while True:
+        pids = family(proc.pid)
+        if not pids:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {sorted(pids)} survive SIGKILL")
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed |= pids
+        proc.poll()
+        time.sleep(0.01)
+    proc.wait(timeout=5)
+    return killed
 
 
 def stop_group(proc, term_grace=5.0, kill_grace=5.0):

@@ -5,6 +5,7 @@ collected by background threads, and the per-test factory of them."""
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -93,20 +94,30 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 class _DatagramReceiver(Receiver):
-    def __init__(self, family, address):
+    """delay: seconds the reader waits after each datagram (a slow
+    subscriber: what the sender sends meanwhile waits in the socket's
+    buffer, and a unix sender gets EAGAIN once its queue is full)."""
+
+    def __init__(self, family, address, delay=0.0):
         super().__init__()
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.family = family
+        self.address = address
+        self.delay = delay
+        self._stop = False
+        self._thread = None
+        self._new_socket()
+
+    def _new_socket(self):
+        self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
-        self.address = address
-        self._stop = False
-        self._thread = None
 
     def _start(self):
         self.sock.bind(self.address)
         self.sock.settimeout(0.05)
+        self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -118,6 +129,8 @@ class _DatagramReceiver(Receiver):
                 continue
             except OSError:
                 return
+            if self.delay:
+                time.sleep(self.delay)
             try:
                 msg = json.loads(data)
             except ValueError:
@@ -153,17 +166,27 @@ class UdpReceiver(_DatagramReceiver):
 class UnixReceiver(_DatagramReceiver):
     """unix datagram listener; bind=False gives a dead subscriber (nobody
     bound at the path: event_datagram's sendto fails at once) that can be
-    brought to life later with bind()."""
+    brought to life later with bind(), and dead again with unbind(), as
+    often as needed; events() is what all its lives got."""
 
-    def __init__(self, path, bind=True):
-        super().__init__(socket.AF_UNIX, str(path))
+    def __init__(self, path, bind=True, delay=0.0):
+        super().__init__(socket.AF_UNIX, str(path), delay)
         self.path = Path(path)
         self.socket = f"unix:{path}"
         if bind:
             self.bind()
 
     def bind(self):
+        assert not self.bound, f"{self} is bound already"
         self._start()
+
+    def unbind(self):
+        """Dead again: the socket closed and its path removed (a datagram
+        not read yet is lost with it, as with a subscriber that dies)."""
+        assert self.bound, f"{self} is not bound"
+        self.close()
+        self._thread = None
+        self._new_socket()
 
     @property
     def bound(self):
@@ -388,12 +411,13 @@ class Receivers:
             return [self.udp() for _ in range(n)]
         return self._keep(UdpReceiver())
 
-    def unix(self, bind=True):
-        return self._keep(UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind))
+    def unix(self, bind=True, delay=0.0):
+        return self._keep(UnixReceiver(self._path("u").with_suffix(".sock"), bind=bind,
+                                       delay=delay))
 
-    def dead(self):
+    def dead(self, delay=0.0):
         """A subscriber whose raise fails at once (unix path nobody bound)."""
-        return self.unix(bind=False)
+        return self.unix(bind=False, delay=delay)
 
     def tcp(self, answer="ok"):
         """A JSON-RPC server for event_stream; answer "ok" | "error" | "hold"."""

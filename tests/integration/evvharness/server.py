@@ -2,7 +2,9 @@
 the SIP requests whose script raises events from the worker processes."""
 
 import json
+import os
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from . import env
 from .mi import MIClient, MIError, ServerDied
-from .processes import spawn, stop_group
+from .processes import family, kill_family, spawn, stop_group
 from .sip import sip_request
 from .util import DEFAULT_TIMEOUT, free_port
 
@@ -56,7 +58,7 @@ route[raise] {{
 {raise_cases}
     }}
 }}
-"""
+{startup_route}"""
 
 
 def crash_lines(log_text):
@@ -111,17 +113,29 @@ class OpenSips:
                         under test (their .so must be built)
       virtual_params    {param: value}: more modparams of the module under
                         test (the spool's)
+      core_params       {param: value}: more core parameters (e.g.
+                        restart_persistency_cache_file); a str is quoted
+      startup_subscriptions  [(event, socket)]: subscribe_event() calls of
+                        a startup_route (the events: of EVENT_POOL)
       workers, log_level
+
+    A server can be stopped and started again with the same configuration
+    (restart(), or stop_clean() / kill_all() then start()): the same log,
+    appended to (start_mark: where the last start began), the same ports
+    when they are still free.
     """
 
     def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
-                 stream_timeout=None, extra_modules=(), module=None, virtual_params=None):
+                 stream_timeout=None, extra_modules=(), module=None, virtual_params=None,
+                 core_params=None, startup_subscriptions=()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.failover_timeout = failover_timeout
         self.stream_timeout = stream_timeout
         self.extra_modules = {m: dict(p) for m, p in dict(extra_modules).items()}
         self.virtual_params = dict(virtual_params or {})
+        self.core_params = dict(core_params or {})
+        self.startup_subscriptions = list(startup_subscriptions)
         self.workers = workers
         self.log_level = log_level
         self.module = Path(module or env.EVV_MODULE)
@@ -129,6 +143,8 @@ class OpenSips:
         self.mi_client = None
         self.log = Log(self.workdir / "opensips.log")
         self._events = iter(EVENT_POOL)
+        self.sip_port = self.mi_port = None
+        self.start_mark = 0
         self._sip_sock = None
         self._sip_seq = 0
 
@@ -139,7 +155,9 @@ class OpenSips:
         return {"log_level": self.log_level, "stderror_enabled": "yes",
                 "syslog_enabled": "no", "disable_core_dump": "yes",
                 "udp_workers": self.workers, "socket": f"udp:127.0.0.1:{self.sip_port}",
-                "mpath": f'"{env.OPENSIPS_SRC}/modules/"'}
+                "mpath": f'"{env.OPENSIPS_SRC}/modules/"',
+                **{k: v if isinstance(v, int) else json.dumps(str(v))
+                   for k, v in self.core_params.items()}}
 
     def modules(self):
         """[(module .so, {param: value})] in load order: the transports
@@ -158,9 +176,12 @@ class OpenSips:
                 (str(self.module), virtual)]
 
     def script(self):
+        startup = "".join(f"    subscribe_event({json.dumps(e)}, {json.dumps(s)});\n"
+                          for e, s in self.startup_subscriptions)
         return SCRIPT.format(raise_cases="\n".join(
             f'        case "{e}": raise_event("{e}", $avp(evk), $avp(evv)); break;'
-            for e in EVENT_POOL))
+            for e in EVENT_POOL),
+            startup_route=f"\nstartup_route {{\n{startup}}}\n" if startup else "")
 
     def config(self):
         """opensips.cfg: core(), modules() with their parameters, script()."""
@@ -180,18 +201,30 @@ class OpenSips:
     # ---- life cycle -------------------------------------------------------
 
     def start(self, attempts=3):
+        """Start (again: the ports of the last start first, if they are
+        still free); fails the test when OpenSIPS does not come up."""
+        if not self.try_start(attempts):
+            pytest.fail(f"OpenSIPS did not start ({self.module}); log {self.log.path}:\n"
+                        f"{self.log.tail(60)}", pytrace=False)
+        return self
+
+    def try_start(self, attempts=3):
+        """start(), but True or False: False when OpenSIPS did not come up
+        (its process group is then gone; start_mark: where its log began)."""
         env.check_prerequisites(self.module, self.extra_modules)
+        assert self.proc is None, "start: this server runs"
         for attempt in range(attempts):
-            self.sip_port = free_port()
-            self.mi_port = free_port()
+            if attempt or self.sip_port is None:
+                self.sip_port = free_port()
+                self.mi_port = free_port()
             self._write_cfg()
+            self.start_mark = self.log.mark()
             if self._start_once():
-                return self
+                return True
             self.stop()
-            if "Address already in use" not in self.log.text():
+            if "Address already in use" not in "\n".join(self.log.lines_since(self.start_mark)):
                 break
-        pytest.fail(f"OpenSIPS did not start ({self.module}); log {self.log.path}:\n"
-                    f"{self.log.tail(60)}", pytrace=False)
+        return False
 
     def _start_once(self):
         self.proc = spawn([env.OPENSIPS_SRC / "opensips", "-F", "-f", self.cfg_path],
@@ -216,6 +249,47 @@ class OpenSips:
         if self.proc:
             stop_group(self.proc)
             self.proc = None
+
+    def stop_clean(self, timeout=15.0):
+        """A clean stop, as an operator's `kill <pid>`: SIGTERM to the main
+        process only (it stops the others and runs the modules' destroy);
+        fails unless every process is gone within timeout and the main
+        one exited with status 0."""
+        assert self.running(), "stop_clean: the server is not running"
+        self.mi_client = None
+        proc, self.proc = self.proc, None
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while (proc.poll() is None or family(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = family(proc.pid)
+        if proc.poll() is None or left:
+            kill_family(proc)
+            raise AssertionError(f"OpenSIPS did not stop within {timeout}s of SIGTERM "
+                                 f"(processes left: {sorted(left)}); log {self.log.path}:\n"
+                                 f"{self.log.tail(30)}")
+        assert proc.returncode == 0, (
+            f"OpenSIPS exited with status {proc.returncode} on SIGTERM; log "
+            f"{self.log.path}:\n{self.log.tail(30)}")
+
+    def kill_all(self):
+        """A crash: SIGKILL to every OpenSIPS process of this server (the
+        main one and all it forked), all at once. Returns the pids killed."""
+        assert self.running(), "kill_all: the server is not running"
+        self.mi_client = None
+        proc, self.proc = self.proc, None
+        return kill_family(proc)
+
+    def restart(self, how="term"):
+        """stop_clean() ("term") or kill_all() ("kill"), then start() with
+        the same configuration (and ports, if still free)."""
+        assert how in ("term", "kill"), how
+        self.stop_clean() if how == "term" else self.kill_all()
+        return self.start()
+
+    def pids(self):
+        """Every live process of this OpenSIPS."""
+        return sorted(family(self.proc.pid)) if self.proc else []
 
     # ---- health -----------------------------------------------------------
 
