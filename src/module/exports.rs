@@ -153,6 +153,7 @@ impl Module for EventVirtual {
         }
         .check(shm_total())?;
         shared::make_spool(config)?;
+        super::status::init()?;
         let registered = TRANSPORT.register();
         registered
             .then_some(())

@@ -5,6 +5,7 @@
 //! - `shared`: what every process shares: statistics, rules, the spool's block;
 //! - `held`: a held event and the spool queue's storage;
 //! - `vsock`: the virtual socket in shared memory and its references;
+//! - `status`: the module's status event, recorded and raised later;
 //! - `spool`: holding events in a socket's queues;
 //! - `deliver`: one event offered to the subscribers, its asynchronous
 //!   chains and its accounting;
@@ -21,4 +22,5 @@ pub mod mi_list;
 pub mod replay;
 pub mod shared;
 pub mod spool;
+pub mod status;
 pub mod vsock;
