@@ -1,13 +1,13 @@
 //! E_EVENT_VIRTUAL_STATUS: a subscriber, a spool queue or a HASH key
-//! changed state.  Where the change is seen (a raise, a report, the replay
-//! process: next to the line that logs it) it is only recorded, into a
-//! fixed ring in shared memory, and the replay process is woken; that
-//! process raises the event, outside any raise and any lock.  Raised where
-//! the change is seen, it could come from inside a delivery of the status
-//! event itself, or while the core holds the lock of the event being
-//! delivered (unsubscribe, expiry), which the script's `event_route` may
-//! need.  A change of a subscription of the status event itself is not
-//! raised: it cannot feed itself.
+//! changed state.  Where the change is seen (a worker's raise, a report,
+//! the replay process: next to the line that logs it) it is only recorded,
+//! in order, into a fixed ring in shared memory, and the replay process is
+//! woken; that process raises the events one by one, from no delivery and
+//! holding no lock.  Raised where it is seen, a status event would be
+//! delivered from inside the delivery that failed, the status event's own
+//! for a virtual subscription to it; and changes seen in two processes
+//! could be raised out of order.  A change of a subscription of the status
+//! event itself is not raised, so that it cannot feed itself.
 
 #![forbid(unsafe_code)]
 
@@ -47,14 +47,15 @@ struct Recorded {
 
 /// Filled from the first slot on and emptied whole: in order.
 struct Changes(Mutex<[Option<Recorded>; SIZE]>);
+const EMPTY: [Option<Recorded>; SIZE] = [const { None }; SIZE];
 impl Tail for Changes {}
 
 static CHANGES: OnceLock<&'static Changes> = OnceLock::new();
 
 /// mod_init: the ring, and the event published.
 pub fn init() -> Result<(), &'static str> {
-    let changes = shm::leak(Changes(Mutex::new([const { None }; SIZE])));
-    let _ = CHANGES.set(changes.ok_or("out of shared memory")?);
+    let changes = shm::leak(Changes(Mutex::new(EMPTY)));
+    let _ = CHANGES.set(changes.ok_or("out of shared memory for E_EVENT_VIRTUAL_STATUS")?);
     let published = STATUS.publish(NAME.as_bytes()).then_some(());
     published.ok_or("cannot publish E_EVENT_VIRTUAL_STATUS")
 }
@@ -86,9 +87,7 @@ pub fn record(sock: &SockRef, at: usize, change: Change) {
 /// The replay process, each time it wakes: raise what was recorded.
 pub fn raise_recorded() {
     let Some(changes) = CHANGES.get() else { return };
-    let ring = critical(&changes.0, |ring| {
-        std::mem::replace(ring, [const { None }; SIZE])
-    });
+    let ring = critical(&changes.0, |ring| std::mem::replace(ring, EMPTY));
     if ring[0].is_none() {
         return;
     }
@@ -101,12 +100,13 @@ pub fn raise_recorded() {
             .iter()
             .find(|(e, s)| std::ptr::eq(&**s, &*r.sock) && e != NAME.as_bytes());
         let Some((event, _)) = found else { continue };
+        let queue = if r.held > 0 { "holding" } else { "empty" };
         let (old, new, reason) = match r.change {
             Change::Health(Transition::Failing) => ("healthy", "failing", "failure".into()),
             Change::Health(Transition::Recovered) => ("failing", "healthy", "recovery".into()),
             Change::Holding => ("empty", "holding", "holding".into()),
             Change::Drained => ("holding", "empty", "drained".into()),
-            Change::Dropped(report) => ("holding", "holding", report.to_string()),
+            Change::Dropped(report) => (queue, queue, report.to_string()),
             Change::Unkeyed => ("keyed", "unkeyed", "unkeyed".into()),
         };
         let socket = [b"virtual:", r.sock.text()].concat();
