@@ -87,10 +87,11 @@ pub fn record(sock: &SockRef, at: usize, change: Change) {
 /// The replay process, each time it wakes: raise what was recorded.
 pub fn raise_recorded() {
     let Some(changes) = CHANGES.get() else { return };
-    let ring = critical(&changes.0, |ring| std::mem::replace(ring, EMPTY));
-    if ring[0].is_none() {
-        return;
-    }
+    // nothing recorded (most wakes): nothing copied, no walk
+    let taken = critical(&changes.0, |r| {
+        r[0].is_some().then(|| std::mem::replace(r, EMPTY))
+    });
+    let Some(ring) = taken else { return };
     let mut live = Vec::new();
     let _ = vsock::walk(None, |event, s, _| live.push((event.to_vec(), s)));
     for r in ring.into_iter().flatten() {
