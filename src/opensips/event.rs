@@ -220,7 +220,8 @@ impl Published {
     }
 
     /// Raise it with `params`; false when not published, out of memory, or
-    /// refused.  The core takes the event's lock and delivers it at once.
+    /// refused.  The core delivers it at once, under the event's lock
+    /// (released around each subscriber): never from inside its delivery.
     pub fn raise(&self, params: &[(&'static [u8], ParamValue<'_>)]) -> bool {
         let id = self.0.load(Ordering::Relaxed);
         // SAFETY: no preconditions; null when out of memory.
