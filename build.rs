@@ -92,7 +92,7 @@ fn main() {
         .allowlist_function("register_event_mod")
         .allowlist_function("get_trans_mod")
         .allowlist_function("evi_(dup|free)_shm_params")
-        .allowlist_function("evi_(get|free)_params|evi_param_add")
+        .allowlist_function("evi_(publish|raise)_event|evi_(get|free)_params|evi_param_add")
         .allowlist_function("(get|release)_dummy_sip_msg")
         .allowlist_function("init_mi_result_object")
         .allowlist_function("init_mi_error_extra")

@@ -6,6 +6,7 @@
 #include "sr_module.h"
 #include "evi/evi_transport.h"
 #include "evi/event_interface.h"
+#include "evi/evi_modules.h"
 #include "action.h"
 #include "mi/mi.h"
 #include "mi/item.h"

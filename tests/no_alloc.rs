@@ -4,7 +4,9 @@
 //! reference on the socket, the statistics and the calls into the
 //! transports around this; its `log!` formats text only for a line that is
 //! printed: a lost event, a health change, or at DBG, and formats it on
-//! the stack, as the failure path's test below does.)
+//! the stack, as the failure path's test below does.  A health change, or
+//! a HASH event's missing key, is also recorded for the status event into
+//! a fixed ring in shared memory: a reference, a few words, no allocation.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use super::shared::{self, DELIVERED, EVENTS, FAILED, FAILOVERS, INCOMPLETE, UNKEYED};
 use super::spool::{self, Pushed};
+use super::status::{self, Change};
 use super::vsock::SockRef;
 use crate::opensips::event::{DummyMsg, Event, EventCopy, Msg, ParamValue};
 use crate::opensips::log::log;
@@ -70,6 +71,7 @@ fn hash_value<'a>(sock: &SockRef, event: &Event<'a>, buf: &'a mut [u8; 11]) -> O
     if value.is_none() {
         UNKEYED.add(1);
         if !sock.unkeyed_said.swap(true, Ordering::Relaxed) {
+            status::record(sock, 0, Change::Unkeyed);
             log!(
                 WARN,
                 "event '{}' has no parameter '{}': 'virtual:{}' spreads such events round-robin (said once)",
@@ -238,6 +240,7 @@ impl Driver for CoreDriver<'_> {
             Transition::Failing => log!(WARN, "{} is failing", self.describe(i)),
             Transition::Recovered => log!(NOTICE, "{} has recovered", self.describe(i)),
         }
+        status::record(self.sock, i, Change::Health(t));
     }
 }
 

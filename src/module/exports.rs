@@ -201,6 +201,7 @@ impl Module for EventVirtual {
                 ));
             }
         }
+        super::status::init()?;
         let registered = TRANSPORT.register();
         registered
             .then_some(())

@@ -23,7 +23,7 @@ impl Hooks for Virtual {
             Ok(sock) => {
                 // the replay process claims what waits for it
                 if super::restore::waiting() {
-                    super::spool::ring();
+                    super::shared::ring();
                 }
                 sock.into_core()
             }

@@ -6,6 +6,7 @@
 //! - `persist`: held events' records in restart-persistent memory;
 //! - `held`: a held event and the spool queue's storage;
 //! - `vsock`: the virtual socket in shared memory and its references;
+//! - `status`: the module's status event, recorded and raised later;
 //! - `spool`: holding events in a socket's queues;
 //! - `restore`: what a previous run held, back into its subscription's queues;
 //! - `deliver`: one event offered to the subscribers, its asynchronous
@@ -25,4 +26,5 @@ pub mod replay;
 pub mod restore;
 pub mod shared;
 pub mod spool;
+pub mod status;
 pub mod vsock;

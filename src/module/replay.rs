@@ -7,6 +7,7 @@ use super::deliver;
 use super::held::Queue;
 use super::shared::{self, DELIVERED, DROPPED, REPLAYED, add};
 use super::spool::{self, Name};
+use super::status::{self, Change};
 use super::vsock::{self, SockRef};
 use crate::opensips::event::EventCopy;
 use crate::opensips::futex;
@@ -28,7 +29,7 @@ pub fn retry(filter: Option<&[u8]>, all: bool) -> Result<u64, ()> {
         .filter(|q| q.retry_now(all))
         .count() as u64;
     if woken > 0 {
-        spool::ring();
+        shared::ring();
     }
     Ok(woken)
 }
@@ -46,6 +47,7 @@ pub fn run() -> ! {
         if super::restore::waiting() {
             super::restore::sweep();
         }
+        status::raise_recorded();
         if sp.budget.held() == 0 && !episodes_open {
             futex::wait(sp.doorbell.word(), seen, IDLE_MS);
             continue;
@@ -110,11 +112,13 @@ impl Replayer<ShmList<super::held::Holding>> for Replay<'_> {
     }
 
     fn episode(&mut self, q: usize, report: Report) {
-        let (sock, _) = self.at(q);
+        let (sock, qi) = self.at(q);
         log!(WARN, "'{}': {report}", Name(sock));
+        status::record(sock, qi, Change::Dropped(report));
     }
 
     fn drained(&mut self, q: usize) {
-        spool::log_drained(self.at(q).0)
+        let (sock, qi) = self.at(q);
+        spool::log_drained(sock, qi)
     }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::held;
 use super::persist::{self, MAX_GROUPS, Persist, Record};
 use super::shared::{self, DROPPED, add, wall_ms};
-use super::spool::{self, Name};
+use super::spool::Name;
 use super::vsock::{self, SockRef};
 use crate::opensips::event::{EventCopy, ParamValue};
 use crate::opensips::log::log;
@@ -161,7 +161,7 @@ pub fn claim(event: &[u8], sock: &SockRef) {
                 String::new()
             }
         );
-        spool::ring();
+        shared::ring();
     }
 }
 

@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::opensips::futex;
 use crate::opensips::module::Stat;
 use crate::opensips::shm::{self, Tail};
 use crate::policy::Rules;
@@ -74,6 +75,14 @@ pub fn make_spool(config: Config) -> Result<(), &'static str> {
 
 pub fn spool() -> Option<&'static Spool> {
     SPOOL.get().copied()
+}
+
+/// Wake the replay process.
+pub fn ring() {
+    if let Some(sp) = spool() {
+        sp.doorbell.ring();
+        futex::wake(sp.doorbell.word());
+    }
 }
 
 /// A new socket's queue bounds; None: no spool.

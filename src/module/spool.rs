@@ -11,23 +11,15 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::held;
 use super::persist::{self, Record};
-use super::shared::{self, DELIVERED, DROPPED, REPLAYED, SPOOLED, add};
+use super::shared::{self, DELIVERED, DROPPED, REPLAYED, SPOOLED, add, ring};
+use super::status::{self, Change};
 use super::vsock::SockRef;
 use crate::opensips::event::{Event, EventCopy};
-use crate::opensips::futex;
 use crate::opensips::log::log;
 use crate::opensips::now_ms;
 use crate::socket::Policy;
 use crate::spool::{Enter, Entry, Finish};
 use crate::text::Quoted;
-
-/// Wake the replay process.
-pub fn ring() {
-    if let Some(sp) = shared::spool() {
-        sp.doorbell.ring();
-        futex::wake(sp.doorbell.word());
-    }
-}
 
 /// `virtual:<text>`, as a log line names a subscription.
 pub struct Name<'a>(pub &'a SockRef);
@@ -95,7 +87,7 @@ pub fn push(
                         Name(sock)
                     ),
                 }
-                ring();
+                status::record(sock, qi, Change::Holding);
             }
             Pushed::Held
         }
@@ -118,7 +110,7 @@ pub fn finish(sock: &SockRef, qi: usize, token: u64, delivered: bool) {
             REPLAYED.add(1);
             DELIVERED.add(1);
             if drained {
-                log_drained(sock);
+                log_drained(sock, qi);
             }
         }
         Finish::Dropped { .. } => DROPPED.add(1),
@@ -128,12 +120,13 @@ pub fn finish(sock: &SockRef, qi: usize, token: u64, delivered: bool) {
     ring();
 }
 
-pub fn log_drained(sock: &SockRef) {
+pub fn log_drained(sock: &SockRef, qi: usize) {
     log!(
         NOTICE,
         "replayed the held events of '{}'; its queue is empty",
         Name(sock)
     );
+    status::record(sock, qi, Change::Drained);
 }
 
 /// The subscription goes (unsubscribe, expiry): drop what its queues hold.

@@ -123,6 +123,11 @@ impl Transports for CoreTransports {
 #[derive(Clone)]
 pub struct SockRef(ShmRc<VSock>);
 
+// SAFETY: the count is atomic, and after open the block changes only
+// through atomics and locks (the core's fields under its event lock):
+// every process already shares it, so another thread may as well.
+unsafe impl Send for SockRef {}
+
 impl SockRef {
     /// Parse a virtual socket, open its subscribers and lay it out.
     pub fn open(input: &[u8]) -> Result<SockRef, ParseError> {

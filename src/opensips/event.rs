@@ -1,9 +1,10 @@
 //! Events as the core raises them, and copies of them in shared memory
 //! that a later report, in any process, raises again.
 
-use std::ffi::c_int;
+use std::ffi::{c_int, c_void};
 use std::marker::PhantomData;
-use std::ptr::null_mut;
+use std::ptr::{from_ref, null_mut};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::shm::{ShmRc, Tail, tail_offset};
 use super::str::{self, str_};
@@ -284,5 +285,52 @@ impl EventCopy {
             tail_offset::<Copied>() + self.0.tail_len(),
             self.0.params_size,
         ]
+    }
+}
+
+/// An event the module publishes (mod_init) and raises itself: the core
+/// hands it to the script's `event_route` and to every subscriber.
+pub struct Published(AtomicI32);
+
+impl Published {
+    pub const fn new() -> Published {
+        Published(AtomicI32::new(-1))
+    }
+
+    /// mod_init, before the fork; false when the core refuses the name.
+    pub fn publish(&self, name: &'static [u8]) -> bool {
+        // SAFETY: the core keeps the name's pointer: it is static.
+        let id = str::of(name).map_or(-1, |n| unsafe { sys::evi_publish_event(n) });
+        self.0.store(id, Ordering::Relaxed);
+        id >= 0
+    }
+
+    /// Raise it with `params`; false when not published, out of memory, or
+    /// refused.  The core delivers it at once, under the event's lock
+    /// (released around each subscriber): never from inside its delivery.
+    pub fn raise(&self, params: &[(&'static [u8], ParamValue<'_>)]) -> bool {
+        let id = self.0.load(Ordering::Relaxed);
+        // SAFETY: no preconditions; null when out of memory.
+        let list = if id < 0 { null_mut() } else { unsafe { sys::evi_get_params() } };
+        for (name, value) in params.iter().filter(|_| !list.is_null()) {
+            let s = match value {
+                ParamValue::Str(s) => str::of(s).unwrap_or(str::EMPTY),
+                ParamValue::Int(_) => str::EMPTY,
+            };
+            let (value, flags) = match value {
+                ParamValue::Str(_) => (from_ref(&s).cast::<c_void>(), sys::EVI_STR_VAL),
+                ParamValue::Int(n) => (from_ref(n).cast(), sys::EVI_INT_VAL),
+            };
+            let name = str::of(name).unwrap_or(str::EMPTY);
+            // SAFETY: our list; the core copies the int and the strs, whose
+            // bytes (a static name, a value borrowed for the raise) outlive it.
+            if unsafe { sys::evi_param_add(list, &name, value, flags as c_int) } != 0 {
+                // SAFETY: ours, never raised, freed once.
+                unsafe { sys::evi_free_params(list) };
+                return false;
+            }
+        }
+        // SAFETY: a published id and our list, which the raise frees.
+        !list.is_null() && unsafe { sys::evi_raise_event(id, list) } == 0
     }
 }
