@@ -6,6 +6,7 @@
 
 use std::ffi::c_int;
 
+use super::cluster;
 use super::hooks::Virtual;
 use super::mi_list::{HashByIndex, HashBySocket, ListAll, ListEvent, Retry};
 use super::shared::{
@@ -15,8 +16,8 @@ use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, Gauge, IntParam, Module, PARAMS_END, PROC_FLAG_INITCHILD, PROCS_END, Params,
-    Process, Procs, STATS_END, Stats, StrParam, Table, gauge_export, process,
+    Commands, Deps, Exports, Gauge, IntParam, Module, Needed, PARAMS_END, PROC_FLAG_INITCHILD,
+    PROCS_END, Params, Process, Procs, STATS_END, Stats, StrParam, Table, gauge_export, process,
 };
 use crate::opensips::shm_total;
 use crate::socket::VIRTUAL_PROTO;
@@ -32,15 +33,25 @@ static SPOOL_SIZE: IntParam = IntParam::new(0);
 static SPOOL_MAX_AGE: IntParam = IntParam::new(0);
 static SPOOL_MAX_MEMORY: StrParam = StrParam::new();
 static SPOOL_RETRY_INTERVAL: IntParam = IntParam::new(DEFAULT_RETRY_MS as c_int);
+// the cluster's (issue 18): 0, off
+static CLUSTER_ID: IntParam = IntParam::new(0);
 
-static PARAMS: Params<6> = Table([
+static PARAMS: Params<7> = Table([
     FAILOVER_TIMEOUT.export(c"failover_timeout"),
     SPOOL_SIZE.export(c"spool_size"),
     SPOOL_MAX_AGE.export(c"spool_max_age"),
     SPOOL_MAX_MEMORY.export(c"spool_max_memory"),
     SPOOL_RETRY_INTERVAL.export(c"spool_retry_interval"),
+    CLUSTER_ID.export(c"cluster_id"),
     PARAMS_END,
 ]);
+
+/// With `cluster_id` set, the clusterer is initialised first.
+struct Clusterer;
+impl Needed for Clusterer {
+    const MODULE: &'static std::ffi::CStr = c"clusterer";
+}
+static DEPS: Deps<2> = Deps::when_set::<Clusterer>(c"cluster_id");
 
 /// `spool_held`: events held now, in every queue.
 struct SpoolHeld;
@@ -58,7 +69,7 @@ impl Gauge for SpoolMemory {
     }
 }
 
-static STATS: Stats<12> = Table([
+static STATS: Stats<15> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
@@ -70,6 +81,9 @@ static STATS: Stats<12> = Table([
     DROPPED.export(c"events_dropped"),
     gauge_export::<SpoolHeld>(c"spool_held"),
     gauge_export::<SpoolMemory>(c"spool_memory"),
+    cluster::SENT.export(c"cluster_sent"),
+    cluster::RECEIVED.export(c"cluster_received"),
+    cluster::DROPPED.export(c"cluster_dropped"),
     STATS_END,
 ]);
 
@@ -130,7 +144,8 @@ pub const EXPORTS: Exports = Exports::new::<EventVirtual>(
     &STATS.0,
     &MI_COMMANDS.0,
     &PROCS.0,
-);
+)
+.needing(&DEPS);
 
 pub struct EventVirtual;
 
@@ -153,6 +168,15 @@ impl Module for EventVirtual {
         }
         .check(shm_total())?;
         shared::make_spool(config)?;
+        match CLUSTER_ID.get() {
+            0 => {}
+            id if id < 0 => {
+                return Err(format!(
+                    "cluster_id must be 0 (off) or a cluster's id, not {id}"
+                ));
+            }
+            id => cluster::init(id)?,
+        }
         let registered = TRANSPORT.register();
         registered
             .then_some(())

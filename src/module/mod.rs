@@ -6,6 +6,7 @@
 //! - `held`: a held event and the spool queue's storage;
 //! - `vsock`: the virtual socket in shared memory and its references;
 //! - `spool`: holding events in a socket's queues;
+//! - `cluster`: subscriber health shared with the other nodes of a cluster;
 //! - `deliver`: one event offered to the subscribers, its asynchronous
 //!   chains and its accounting;
 //! - `replay`: the spool's replay process and MI retry;
@@ -13,6 +14,7 @@
 //! - `mi_list`: MI `event_virtual_list`, `event_virtual_hash`, `event_virtual_retry`;
 //! - `exports`: the module's declaration and its initialisation.
 
+pub mod cluster;
 pub mod deliver;
 pub mod exports;
 pub mod held;

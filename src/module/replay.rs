@@ -43,6 +43,7 @@ pub fn run() -> ! {
     let mut episodes_open = false;
     loop {
         let seen = sp.doorbell.value();
+        super::cluster::flush();
         if sp.budget.held() == 0 && !episodes_open {
             futex::wait(sp.doorbell.word(), seen, IDLE_MS);
             continue;

@@ -29,6 +29,7 @@ core_only! {
         include!(concat!(env!("OUT_DIR"), "/opensips.rs"));
     }
 
+    pub(crate) mod cluster;
     pub(crate) mod event;
     pub(crate) mod evi;
     pub(crate) mod futex;

@@ -9,6 +9,7 @@ Everything talks to a real OpenSIPS over loopback only:
   mi          the MI client: the official `opensips.mi`, wrapped thinly
   sip         the SIP request builder (tests and bench)
   receivers   what UDP / unix datagram / flatstore / JSON-RPC subscribers got
+  cluster     two servers in one OpenSIPS cluster (clusterer, proto_bin)
   checks      virtual socket strings, raise_one, absence and once-only checks
   broker      a throw-away RabbitMQ broker
   processes   spawning in a process group that dies with the run, stopping it
@@ -16,6 +17,7 @@ Everything talks to a real OpenSIPS over loopback only:
               progress), ports
 """
 
+from . import cluster
 from .broker import BrokerError, RabbitMQBroker
 from .checks import (Raiser, assert_each_once, assert_quiet, raise_one, seq_of, seqs_of,
                      sweep, virtual, wait_shm_back, who_got)

@@ -110,17 +110,21 @@ class OpenSips:
                         under test (their .so must be built)
       virtual_params    {param: value}: more modparams of the module under
                         test (the spool's)
+      sockets           more listening sockets, as written (a cluster node's
+                        bin: socket, evvharness.cluster)
       workers, log_level
     """
 
     def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
-                 stream_timeout=None, extra_modules=(), module=None, virtual_params=None):
+                 stream_timeout=None, extra_modules=(), module=None, virtual_params=None,
+                 sockets=()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.failover_timeout = failover_timeout
         self.stream_timeout = stream_timeout
         self.extra_modules = {m: dict(p) for m, p in dict(extra_modules).items()}
         self.virtual_params = dict(virtual_params or {})
+        self.sockets = list(sockets)
         self.workers = workers
         self.log_level = log_level
         self.module = Path(module or env.EVV_MODULE)
@@ -164,6 +168,7 @@ class OpenSips:
     def config(self):
         """opensips.cfg: core(), modules() with their parameters, script()."""
         out = [f"{k} = {v}" for k, v in self.core().items()]
+        out += [f"socket = {s}" for s in self.sockets]
         for so, params in self.modules():
             out.append(f'loadmodule "{so}"')
             name = Path(so).name.removesuffix(".so")
