@@ -947,6 +947,88 @@ mod tests {
     }
 
     #[test]
+    fn only_this_nodes_own_transitions_are_told_once_each() {
+        let h = Health::default();
+        assert_eq!(h.take_untold(5), None);
+        h.record(false, 100);
+        h.record(false, 150); // no transition: nothing more to tell
+        assert_eq!(h.take_untold(400), Some(Told::Failing { age_ms: 250 }));
+        assert_eq!(h.take_untold(400), None);
+        h.record(true, 500);
+        assert_eq!(h.take_untold(600), Some(Told::Healthy));
+        // what a peer told is never told on (no echo between nodes)
+        h.hear(Told::Failing { age_ms: 0 }, 2, 700);
+        assert_eq!(h.take_untold(800), None);
+    }
+
+    #[test]
+    fn a_peers_failure_skips_the_subscriber_without_an_attempt() {
+        let s = Socket::new(Policy::Failover, 2);
+        let t = hear(
+            &s.rotation,
+            &s.subs,
+            0,
+            Told::Failing { age_ms: 300 },
+            2,
+            1000,
+        );
+        assert_eq!(t, Some(Transition::Failing));
+        let h = &s.subs[0].0;
+        assert_eq!(h.peer(), Some(2));
+        // the window counts from the failure at the peer: 700 ms are left
+        assert_eq!(h.state(1000, 1000), State::Skipped { for_ms: 700 });
+        let mut f = Fake::new(&[true, true]);
+        assert_eq!(s.event(&mut f, 1000).taken, 1);
+        assert_eq!(f.tried, [1]);
+        assert_eq!((h.attempts(), h.failures()), (0, 0));
+        // and it is tried again once the window is over
+        let mut f = Fake::new(&[true, true]);
+        s.event(&mut f, 1700);
+        assert_eq!(f.tried, [0]);
+        assert_eq!(h.peer(), None, "an attempt makes the state this node's own");
+    }
+
+    #[test]
+    fn a_peers_recovery_takes_its_failure_back() {
+        let s = Socket::new(Policy::RoundRobin, 3);
+        hear(&s.rotation, &s.subs, 1, Told::Failing { age_ms: 0 }, 2, 50);
+        assert_eq!(s.rotation.failing.load(Relaxed), 1);
+        let t = hear(&s.rotation, &s.subs, 1, Told::Healthy, 2, 60);
+        assert_eq!(t, Some(Transition::Recovered));
+        assert_eq!(s.rotation.failing.load(Relaxed), 0);
+        assert_eq!(s.subs[1].0.state(60, 1000), State::Healthy);
+        assert_eq!(s.subs[1].0.peer(), Some(2));
+        // told twice: counted once
+        assert_eq!(hear(&s.rotation, &s.subs, 1, Told::Healthy, 2, 70), None);
+        assert_eq!(s.rotation.failing.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn of_two_failures_the_later_counts() {
+        let h = Health::default();
+        h.record(false, 900);
+        // the peer's is older: this node's own stands
+        assert_eq!(h.hear(Told::Failing { age_ms: 500 }, 2, 1000), None);
+        assert_eq!(
+            (h.state(1000, 1000), h.peer()),
+            (State::Skipped { for_ms: 900 }, None)
+        );
+        // the peer's is newer: its window
+        h.hear(Told::Failing { age_ms: 10 }, 3, 1000);
+        assert_eq!(
+            (h.state(1000, 1000), h.peer()),
+            (State::Skipped { for_ms: 990 }, Some(3))
+        );
+        // an age longer than this node's clock is still a failure
+        let h = Health::default();
+        assert_eq!(
+            h.hear(Told::Failing { age_ms: 99 }, 2, 5),
+            Some(Transition::Failing)
+        );
+        assert_eq!(h.state(5, 0), State::Failing);
+    }
+
+    #[test]
     fn states_follow_the_window() {
         let h = Health::default();
         assert_eq!(h.state(5, 100), State::Healthy);

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::spool;
 use super::vsock::{self, SockRef};
 use crate::cluster::{self, CAPABILITY, Fields, HEALTH, Health, VERSION};
-use crate::opensips::cluster::{self as clusterer, Capability, Packet, Received, Sent};
+use crate::opensips::cluster::{self as clusterer, Broadcast, Capability, Packet, Received};
 use crate::opensips::log::log;
 use crate::opensips::module::Stat;
 use crate::opensips::now_ms;
@@ -136,10 +136,13 @@ fn send(cluster_id: i32, h: &Health<'_>) {
         return;
     }
     match p.send_all(cluster_id) {
-        Sent::Sent => SENT.add(1),
-        // the node that comes back is told when it does
-        Sent::Down => log!(DBG, "no node of cluster {cluster_id} is reachable"),
-        Sent::Failed => log!(ERR, "cannot send to cluster {cluster_id}"),
+        Broadcast::Sent => SENT.add(1),
+        Broadcast::Down => log!(DBG, "no node of cluster {cluster_id} is reachable"),
+        // a node that comes back is told again what fails (Peers::node_up)
+        Broadcast::Failed => log!(
+            WARN,
+            "cannot tell cluster {cluster_id} of a subscriber's health"
+        ),
     }
 }
 

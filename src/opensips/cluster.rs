@@ -99,7 +99,7 @@ unsafe extern "C" fn event_cb<C: Capability>(ev: sys::clusterer_event, node: c_i
 
 /// What `send_all` made of a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sent {
+pub enum Broadcast {
     /// Sent to every reachable node (or there was none to send to).
     Sent,
     /// No node of the cluster is reachable, or this one is disabled.
@@ -134,17 +134,17 @@ impl Packet {
     }
 
     /// `send_all`: to every node of `cluster_id` but this one.
-    pub fn send_all(&mut self, cluster_id: i32) -> Sent {
+    pub fn send_all(&mut self, cluster_id: i32) -> Broadcast {
         let Some(f) = api().and_then(|a| a.send_all) else {
-            return Sent::Failed;
+            return Broadcast::Failed;
         };
         // SAFETY: an initialised packet; the clusterer adds its trailer
         // and takes it off again.
         match unsafe { f(&mut self.0, cluster_id) } {
-            sys::clusterer_send_ret_CLUSTERER_SEND_SUCCESS => Sent::Sent,
+            sys::clusterer_send_ret_CLUSTERER_SEND_SUCCESS => Broadcast::Sent,
             sys::clusterer_send_ret_CLUSTERER_DEST_DOWN
-            | sys::clusterer_send_ret_CLUSTERER_CURR_DISABLED => Sent::Down,
-            _ => Sent::Failed,
+            | sys::clusterer_send_ret_CLUSTERER_CURR_DISABLED => Broadcast::Down,
+            _ => Broadcast::Failed,
         }
     }
 }

@@ -2,11 +2,10 @@
 subscribers' health (issue 18): what one node finds failing, the other
 skips without trying it, until the first finds it back."""
 
-import time
+import os
+import signal
 
-import pytest
-
-from evvharness import raise_one, virtual, wait_until
+from evvharness import EVENT_POOL, cluster, raise_one, virtual, wait_until
 
 A, B = 1, 2  # node ids
 
@@ -66,3 +65,86 @@ def test_a_failure_one_node_finds_is_skipped_by_the_other_until_it_recovers(make
     # one packet per transition, none per event
     assert cluster_stats(a)["sent"] == 2
     assert cluster_stats(b) == {"sent": 0, "received": 2, "dropped": 0}
+
+
+def test_a_peer_that_is_down_changes_nothing_on_the_raise_path(make_cluster, recv):
+    """B never started: A's transitions find no node to tell, and every
+    event is delivered as without a cluster (latency: `make bench`)."""
+    a, _ = make_cluster({"failover_timeout": 1}, start=(True, False))
+    dead, live = recv.dead(), recv.udp()
+    ev = a.new_event()
+    a.subscribe(ev, virtual("FAILOVER", dead, live))
+    before = a.virtual_stats()
+    assert raise_one(a, ev, 0, [dead, live]) == [1]  # failing: a transition
+    a.send_sip(ev, count=500)                         # a burst from a worker
+    live.wait_count(501, ev, timeout=10)
+    dead.bind()
+    seq = iter(range(1, 1000))                        # recovered: another one
+    wait_until(lambda: raise_one(a, ev, next(seq), [dead, live]) == [0], 10,
+               "A to find its first subscriber back", interval=0.1)
+    after = a.virtual_stats()
+    assert after["events_failed"] == before["events_failed"]
+    assert cluster_stats(a) == {"sent": 0, "received": 0, "dropped": 0}
+    assert not a.log.errors_since(0, module="event_virtual")
+    a.assert_alive()
+
+
+def test_a_node_that_comes_back_learns_what_the_other_finds_failing(make_cluster, recv):
+    """B dies (kill -9) and starts again: A tells it, when its link comes
+    up, what A finds failing, so that B skips it from its first event."""
+    dead, live = recv.dead(), recv.udp()
+    ev = EVENT_POOL[0]
+    startup = f'    subscribe_event("{ev}", "{virtual("FAILOVER", dead, live)}");'
+    a, b = make_cluster({"failover_timeout": 60, "startup_route": startup},
+                        {"failover_timeout": 60, "startup_route": startup})
+    assert a.new_event() == b.new_event() == ev
+    os.killpg(b.proc.pid, signal.SIGKILL)
+    b.proc.wait()
+
+    assert raise_one(a, ev, 0, [dead, live]) == [1]  # failing, B down
+    wait_until(lambda: cluster.link_state(a, B) != "Up", 10, "A to see B down",
+               interval=0.1)
+    # (the first write to B's dead connection may have seemed to go out)
+    b.start()
+    cluster.wait_linked(a, A, b, B)
+    wait_until(lambda: sub(b, ev, 0).get("from_node") == A, 5,
+               "B, back, to hear from A what fails")
+    dead.bind()
+    assert raise_one(b, ev, 1, [dead, live]) == [1]
+    s = sub(b, ev, 0)
+    assert s["state"] == "skipped" and s["attempts"] == 0, s
+
+
+def test_malformed_and_foreign_packets_are_dropped_and_counted(make_cluster, recv):
+    """Packets crafted as node B would send them (same node id, same IP),
+    on A's bin socket: each bad one is dropped and counted, A lives, and
+    the good one at the end is heard."""
+    a, b = make_cluster()
+    dead, live = recv.dead(), recv.udp()
+    ev = a.new_event()
+    text = virtual("FAILOVER", dead, live)
+    a.subscribe(ev, text)
+    canon = text.removeprefix("virtual:")
+    good = [ev, canon, 0, 1, 500]                  # subscriber 0 failing 0.5 s
+    bad = [
+        cluster.bin_packet(good, version=2),       # a version A does not speak
+        cluster.bin_packet(good, kind=9),          # an unknown packet type
+        cluster.bin_packet([ev]),                  # no socket
+        cluster.bin_packet([ev, canon, 0, 1]),     # no age
+        cluster.bin_packet([ev, b"\xff\x00ab"]),   # a string past the end
+        cluster.bin_packet(good + [7]),            # a field too many
+        cluster.bin_packet([ev, canon, 0, 3, 0]),  # no such state
+        cluster.bin_packet(["E_NOPE", canon, 0, 1, 500]),   # no such event
+        cluster.bin_packet([ev, "FAILOVER udp:x:1", 0, 1, 500]),  # no such subscription
+        cluster.bin_packet([ev, canon, 5, 1, 500]),          # no such subscriber
+    ]
+    # a node id the cluster does not have: the clusterer drops it before us
+    stranger = cluster.bin_packet(good, src=7)
+    cluster.send_bin(cluster.bin_port(a), bad + [stranger, cluster.bin_packet(good)])
+    wait_until(lambda: cluster_stats(a)["received"] >= len(bad) + 1, 5,
+               "A to receive the packets")
+    a.assert_alive()
+    assert cluster_stats(a) == {"sent": 0, "received": len(bad) + 1, "dropped": len(bad)}
+    s = sub(a, ev, 0)
+    assert s["from_node"] == B and s["state"] == "skipped" and s["attempts"] == 0, s
+    b.assert_alive()

@@ -2,6 +2,10 @@
 (db_mode 0, my_node_info / neighbor_node_info) over a bin: socket each
 (proto_bin): the OpenSips options of each node, and the wait for the links."""
 
+import socket
+import struct
+import time
+
 from .util import lasting_port, wait_until
 
 CLUSTER_ID = 1
@@ -37,6 +41,11 @@ def ports(n):
     return [lasting_port() for _ in range(n)]
 
 
+def bin_port(srv):
+    """The port of srv's bin: socket."""
+    return next(int(s.rsplit(":", 1)[1]) for s in srv.sockets if s.startswith("bin:"))
+
+
 def link_state(srv, node_id):
     """clusterer_list on srv: the link state of node_id ("Up", "Down", ...)."""
     for c in srv.mi("clusterer_list").get("Clusters", []):
@@ -49,3 +58,41 @@ def link_state(srv, node_id):
 def wait_linked(a, a_id, b, b_id, timeout=15):
     wait_until(lambda: link_state(a, b_id) == "Up" and link_state(b, a_id) == "Up", timeout,
                f"the cluster link between nodes {a_id} and {b_id}", interval=0.1)
+
+
+# ---- crafted packets: what a peer could send on the module's capability ----
+
+CAPABILITY = b"event_virtual-repl"
+HEALTH, VERSION = 1, 1
+
+
+def field(f):
+    """One field as bin_push_str / bin_push_int write it (x86: little
+    endian); bytes given as-is go in raw (a malformed field)."""
+    if isinstance(f, int):
+        return struct.pack("<i", f)
+    if isinstance(f, str):
+        f = f.encode()
+        return struct.pack("<H", len(f)) + f
+    return bytes(f)
+
+
+def bin_packet(fields, kind=HEALTH, version=VERSION, src=2, dst=1,
+               cluster_id=CLUSTER_ID, capability=CAPABILITY):
+    """A bin packet as bin_init and the clusterer's send build it: marker,
+    total length, version, capability, type, fields, then the clusterer's
+    trailer (cluster, source node, destination node)."""
+    body = (struct.pack("<hH", version, len(capability)) + capability
+            + struct.pack("<i", kind) + b"".join(field(f) for f in fields)
+            + struct.pack("<iii", cluster_id, src, dst))
+    return b"P4CK" + struct.pack("<I", 8 + len(body)) + body
+
+
+def send_bin(port, packets):
+    """Send packets to a node's bin: socket over one TCP connection, as a
+    peer would (the clusterer checks the source node id and IP only)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for p in packets:
+            s.sendall(p)
+        # let proto_bin read them before the connection closes
+        time.sleep(0.2)

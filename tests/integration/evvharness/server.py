@@ -112,12 +112,14 @@ class OpenSips:
                         test (the spool's)
       sockets           more listening sockets, as written (a cluster node's
                         bin: socket, evvharness.cluster)
+      startup_route     the body of a startup_route (subscriptions made at
+                        start, before any peer can talk to the server)
       workers, log_level
     """
 
     def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
                  stream_timeout=None, extra_modules=(), module=None, virtual_params=None,
-                 sockets=()):
+                 sockets=(), startup_route=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.failover_timeout = failover_timeout
@@ -125,6 +127,7 @@ class OpenSips:
         self.extra_modules = {m: dict(p) for m, p in dict(extra_modules).items()}
         self.virtual_params = dict(virtual_params or {})
         self.sockets = list(sockets)
+        self.startup_route = startup_route
         self.workers = workers
         self.log_level = log_level
         self.module = Path(module or env.EVV_MODULE)
@@ -161,7 +164,9 @@ class OpenSips:
                 (str(self.module), virtual)]
 
     def script(self):
-        return SCRIPT.format(raise_cases="\n".join(
+        startup = (f"startup_route {{\n{self.startup_route}\n}}\n"
+                   if self.startup_route else "")
+        return startup + SCRIPT.format(raise_cases="\n".join(
             f'        case "{e}": raise_event("{e}", $avp(evk), $avp(evv)); break;'
             for e in EVENT_POOL))
 
