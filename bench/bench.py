@@ -25,7 +25,12 @@ this module), and prints rates and the ratios to compare:
             --spool-events event_stream events drains into its subscriber
             when it comes back (ours only, on a third OpenSIPS with
             failover_timeout 0 and spool_retry_interval 50), against the
-            direct event_stream rate.
+            direct event_stream rate;
+  cluster   ROUND-ROBIN and FAILOVER x3 over UDP on a node of a two-node
+            cluster (clusterer, proto_bin, event_virtual's cluster_id; the
+            other node up, every subscriber healthy), against the same on
+            the server without a cluster (ours only, on a third and fourth
+            OpenSIPS).
 
 Rows are in ROWS below, one line each; `--only GROUP,...` picks groups (the
 rows they are compared to come along). Synchronous rows: rate = raises per
@@ -62,13 +67,13 @@ REPO_ROOT = HERE.parent
 sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 
 # the only names taken from the test harness
-from evvharness import OpenSips, RabbitMQBroker, sip_request, virtual  # noqa: E402
+from evvharness import OpenSips, RabbitMQBroker, cluster, sip_request, virtual  # noqa: E402
 from evvharness.env import EVV_MODULE, OPENSIPS_SRC  # noqa: E402
 from evvharness.processes import die_with_parent, group_alive  # noqa: E402
 
 C_MODULE = OPENSIPS_SRC / "modules" / "event_virtual" / "event_virtual.so"
 
-GROUPS = ("sync", "scale", "async", "rabbitmq", "spool")
+GROUPS = ("sync", "scale", "async", "rabbitmq", "spool", "cluster")
 
 
 # --------------------------------------------------------------------------
@@ -144,6 +149,11 @@ ROWS = [
     # measured by ReplayRun: rate = held events replayed per second
     Row("spool", "SPR", "FAILOVER SPOOL replay, event_stream, 2 params", "replay",
         f"{FO} SPOOL({{n}})", 1, True, "SD", c_has_it=False),
+    # measured by ClusterRun, on a node of a two-node cluster
+    Row("cluster", "RR_CL", "ROUND-ROBIN x3, cluster on, no params", "udp", RR, 3, False,
+        "RR_N", target=0.9, c_has_it=False),
+    Row("cluster", "FO_CL", "FAILOVER x3, cluster on, no params", "udp", FO, 3, False,
+        "FO_N", target=0.9, c_has_it=False),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 # ratios printed under the tables besides each row's own: (row, compared to)
@@ -683,7 +693,8 @@ class ServerRun:
     def __init__(self, label, module, rows, args, workdir, reaper, rpc, broker):
         self.label = label
         self.module = module
-        self.rows = [r for r in rows if r.transport != "replay"]  # ReplayRun's
+        # ReplayRun's and ClusterRun's rows are theirs
+        self.rows = [r for r in rows if r.transport != "replay" and r.group != "cluster"]
         self.args = args
         self.reaper = reaper
         self.srv = BenchOpenSips(workdir, module, self.rows, args,
@@ -694,6 +705,8 @@ class ServerRun:
         for r in rows:
             if r.transport == "replay" and label == "C":
                 self.results[r.key]["error"] = "the C module has no spool"
+            if r.group == "cluster" and label == "C":
+                self.results[r.key]["error"] = "the C module has no cluster"
         self.runner = None
         self.counts = {}
         self.dead = None  # why this server is no longer measured
@@ -894,6 +907,52 @@ class ReplayRun(ServerRun):
         self.results[row.key]["cpu"].append(cpu)
 
 
+def cluster_cfg(node_id, ports):
+    """The configuration lines of node `node_id` of a two-node cluster
+    (the test harness's evvharness.cluster options, written out)."""
+    o = cluster.node_options(node_id, ports)
+    out = [f"socket = {s}" for s in o["sockets"]]
+    for mod, params in o["extra_modules"].items():
+        out.append(f'loadmodule "{mod}.so"')
+        out += [f'modparam("{mod}", "{p}", {json.dumps(v)})' for p, v in params.items()]
+    out += [f'modparam("event_virtual", "{p}", {v})' for p, v in o["virtual_params"].items()]
+    return "\n".join(out) + "\n"
+
+
+class ClusterRun(ServerRun):
+    """The cluster rows, this module only: node 1 of a two-node cluster
+    (node 2, up, has the same script and no subscription) measured as the
+    "ours" server is; every subscriber is healthy, so no packet is sent."""
+
+    def __init__(self, module, rows, args, workdir, reaper, rpc):
+        super().__init__("ours cluster", module, [], args, workdir, reaper, rpc, None)
+        self.rows = [r for r in rows if r.group == "cluster"]
+        self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
+                                "lost": []} for r in self.rows}
+        ports = cluster.ports(2)
+        self.srv = BenchOpenSips(Path(workdir) / "a", module, self.rows, args, rabbitmq=False,
+                                 extra=cluster_cfg(1, ports))
+        self.peer = BenchOpenSips(Path(workdir) / "b", module, self.rows, args,
+                                  rabbitmq=False, extra=cluster_cfg(2, ports))
+
+    def start(self):
+        log(f"[{self.label}] starting node 2 of the cluster")
+        self.peer.start()
+        self.reaper.tell("pgid", self.peer.proc.pid)
+        super().start()
+        cluster.wait_linked(self.srv, 1, self.peer, 2, timeout=30)
+
+    def finish(self):
+        super().finish()
+        sent = self.srv.statistics("event_virtual").get("cluster_sent")
+        if sent:
+            log(f"[{self.label}] {sent} cluster packet(s) sent: a subscriber failed")
+
+    def stop(self):
+        super().stop()
+        self.peer.stop()
+
+
 LOAD_SEEN = []  # 1-minute load average after each round
 
 
@@ -1087,6 +1146,8 @@ TITLES = {
     "async": "Asynchronous delivery: event_stream, reliable mode (local JSON-RPC server)",
     "rabbitmq": "Asynchronous delivery: event_rabbitmq (local broker)",
     "spool_empty": "Spool on and empty (UDP subscribers never fail), against no spool",
+    "cluster": "Cluster on (node 1 of two, the other up; subscribers healthy), against no "
+               "cluster",
     "spool_replay": "Spool replay: a full FAILOVER SPOOL queue drained into its event_stream "
                     "subscriber when it comes back (events/s), against direct event_stream",
 }
@@ -1216,6 +1277,9 @@ def main():
         if any(r.transport == "replay" for r in rows):
             runs.append(ReplayRun(EVV_MODULE.resolve(), rows, args, workdir / "ours-spool",
                                   reaper, rpc))
+        if any(r.group == "cluster" for r in rows):
+            runs.append(ClusterRun(EVV_MODULE.resolve(), rows, args, workdir / "ours-cluster",
+                                   reaper, rpc))
         if args.no_c:
             c_note = "C module run skipped (--no-c)"
         elif C_MODULE.is_file():
@@ -1231,7 +1295,7 @@ def main():
                 run.stop()
         ours = runs[0].results
         for run in runs:
-            if isinstance(run, ReplayRun):
+            if isinstance(run, (ReplayRun, ClusterRun)):
                 ours.update(run.results)
         c = next((run.results for run in runs if run.label == "C"), None)
         for run in runs:

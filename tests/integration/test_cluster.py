@@ -5,7 +5,9 @@ skips without trying it, until the first finds it back."""
 import os
 import signal
 
-from evvharness import EVENT_POOL, cluster, raise_one, virtual, wait_until
+import pytest
+
+from evvharness import EVENT_POOL, OpenSips, cluster, raise_one, virtual, wait_until
 
 A, B = 1, 2  # node ids
 
@@ -148,3 +150,49 @@ def test_malformed_and_foreign_packets_are_dropped_and_counted(make_cluster, rec
     s = sub(a, ev, 0)
     assert s["from_node"] == B and s["state"] == "skipped" and s["attempts"] == 0, s
     b.assert_alive()
+
+
+# cluster_id set where it cannot work: the server does not start, and says why
+NO_CLUSTER = [
+    ({"virtual_params": {"cluster_id": 1}},
+     "cluster_id 1 needs the clusterer module: load clusterer.so"),
+    ({**cluster.node_options(1, [10001, 10002]), "virtual_params": {"cluster_id": 5}},
+     "the clusterer refused capability 'event_virtual-repl' in cluster 5"),
+    ({"virtual_params": {"cluster_id": -1}}, "cluster_id must be 0 (off) or a cluster's id"),
+]
+
+
+@pytest.mark.parametrize("options,message", NO_CLUSTER, ids=["no clusterer", "no such cluster",
+                                                             "negative"])
+def test_a_cluster_that_cannot_work_refuses_to_start(tmp_path, options, message):
+    srv = OpenSips(tmp_path, **options)
+    with pytest.raises(pytest.fail.Exception):
+        srv.start(attempts=1)
+    srv.stop()
+    errors = [l for l in srv.log.text().splitlines() if "ERROR:event_virtual:" in l]
+    assert any(message in l for l in errors), srv.log.tail(20)
+
+
+class LoadedFirst(OpenSips):
+    """event_virtual loaded before the clusterer."""
+
+    def modules(self):
+        mods = super().modules()
+        return [mods[-1]] + mods[:-1]
+
+
+def test_the_clusterer_starts_first_whatever_the_load_order(tmp_path):
+    """cluster_id makes the clusterer a dependency: the core initialises it
+    first, so that the capability finds its cluster."""
+    srv = LoadedFirst(tmp_path, **cluster.node_options(1, cluster.ports(2)))
+    try:
+        srv.start(attempts=1)
+        lines = srv.log.text().splitlines()
+        ours = next(i for i, l in enumerate(lines) if "sharing subscriber health" in l)
+        theirs = next(i for i, l in enumerate(lines) if "clusterer:mod_init" in l)
+        assert theirs < ours
+        cfg = srv.cfg_path.read_text()
+        assert cfg.index("event_virtual.so") < cfg.index("clusterer.so"), "not loaded first"
+        srv.assert_alive()
+    finally:
+        srv.stop()
