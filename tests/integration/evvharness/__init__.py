@@ -24,6 +24,6 @@ from .checks import (Raiser, assert_each_once, assert_quiet, raise_one, seq_of, 
 from .env import EVV_MODULE, OPENSIPS_SRC, check_prerequisites
 from .mi import MIError, ServerDied
 from .receivers import Receivers, identity, tag_of
-from .server import EVENT_POOL, SPOOL_STATS, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
+from .server import CLUSTER_STATS, EVENT_POOL, SPOOL_STATS, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
 from .sip import sip_request
 from .util import DEFAULT_TIMEOUT, closed_tcp_port, free_port, wait_until, wait_while_moving

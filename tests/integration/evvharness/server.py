@@ -25,6 +25,8 @@ VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomple
 # ... and the spool's (issue 10), there whether a spool is configured or not
 SPOOL_STATS = ("events_spooled", "events_replayed", "events_dropped", "spool_held",
                "spool_memory")
+# ... and the cluster's (issue 18), there whether cluster_id is set or not
+CLUSTER_STATS = ("cluster_sent", "cluster_received", "cluster_dropped")
 
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
 # in the worker that handles it, with params tag (X-Tag), i (loop index)
