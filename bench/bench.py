@@ -26,11 +26,12 @@ this module), and prints rates and the ratios to compare:
             when it comes back (ours only, on a third OpenSIPS with
             failover_timeout 0 and spool_retry_interval 50), against the
             direct event_stream rate;
-  cluster   ROUND-ROBIN and FAILOVER x3 over UDP on a node of a two-node
-            cluster (clusterer, proto_bin, event_virtual's cluster_id; the
-            other node up, every subscriber healthy), against the same on
-            the server without a cluster (ours only, on a third and fourth
-            OpenSIPS).
+  cluster   ROUND-ROBIN and FAILOVER x3 over UDP on node 1 of a two-node
+            cluster (clusterer, proto_bin, event_virtual's cluster_id; node
+            2 up, every subscriber healthy), and ROUND-ROBIN x3 with one
+            dead subscriber on node 1 of a cluster whose node 2 is down,
+            against the same on the server without a cluster (ours only,
+            on more OpenSIPS).
 
 Rows are in ROWS below, one line each; `--only GROUP,...` picks groups (the
 rows they are compared to come along). Synchronous rows: rate = raises per
@@ -93,6 +94,7 @@ class Row:
     share: int = 1      # ideal = base rate / share (PARALLEL x3: 3)
     target: float = None  # reported (never asserted): ratio to the ideal >= target
     c_has_it: bool = True  # False: a policy the C module does not have
+    cluster: str = None  # "up" / "down": on node 1 of a cluster, node 2 up or down
 
     @property
     def event(self):
@@ -149,11 +151,13 @@ ROWS = [
     # measured by ReplayRun: rate = held events replayed per second
     Row("spool", "SPR", "FAILOVER SPOOL replay, event_stream, 2 params", "replay",
         f"{FO} SPOOL({{n}})", 1, True, "SD", c_has_it=False),
-    # measured by ClusterRun, on a node of a two-node cluster
+    # measured by ClusterRun, on node 1 of a two-node cluster, node 2 up or down
     Row("cluster", "RR_CL", "ROUND-ROBIN x3, cluster on, no params", "udp", RR, 3, False,
-        "RR_N", target=0.9, c_has_it=False),
+        "RR_N", target=0.9, c_has_it=False, cluster="up"),
     Row("cluster", "FO_CL", "FAILOVER x3, cluster on, no params", "udp", FO, 3, False,
-        "FO_N", target=0.9, c_has_it=False),
+        "FO_N", target=0.9, c_has_it=False, cluster="up"),
+    Row("cluster", "RR_CLD", "ROUND-ROBIN x3, 1 dead, cluster on, peer down, no params",
+        "udp+dead", RR, 3, False, "RR_DEAD", target=0.9, c_has_it=False, cluster="down"),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 # ratios printed under the tables besides each row's own: (row, compared to)
@@ -694,7 +698,7 @@ class ServerRun:
         self.label = label
         self.module = module
         # ReplayRun's and ClusterRun's rows are theirs
-        self.rows = [r for r in rows if r.transport != "replay" and r.group != "cluster"]
+        self.rows = [r for r in rows if r.transport != "replay" and not r.cluster]
         self.args = args
         self.reaper = reaper
         self.srv = BenchOpenSips(workdir, module, self.rows, args,
@@ -705,7 +709,7 @@ class ServerRun:
         for r in rows:
             if r.transport == "replay" and label == "C":
                 self.results[r.key]["error"] = "the C module has no spool"
-            if r.group == "cluster" and label == "C":
+            if r.cluster and label == "C":
                 self.results[r.key]["error"] = "the C module has no cluster"
         self.runner = None
         self.counts = {}
@@ -921,12 +925,14 @@ def cluster_cfg(node_id, ports):
 
 class ClusterRun(ServerRun):
     """The cluster rows, this module only: node 1 of a two-node cluster
-    (node 2, up, has the same script and no subscription) measured as the
-    "ours" server is; every subscriber is healthy, so no packet is sent."""
+    measured as the "ours" server is. Node 2 is up (the same script, no
+    subscription), or configured and never started (`peer` "down")."""
 
-    def __init__(self, module, rows, args, workdir, reaper, rpc):
-        super().__init__("ours cluster", module, [], args, workdir, reaper, rpc, None)
-        self.rows = [r for r in rows if r.group == "cluster"]
+    def __init__(self, peer, module, rows, args, workdir, reaper, rpc):
+        super().__init__(f"ours cluster, peer {peer}", module, [], args, workdir, reaper,
+                         rpc, None)
+        self.peer_up = peer == "up"
+        self.rows = [r for r in rows if r.cluster == peer]
         self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
                                 "lost": []} for r in self.rows}
         ports = cluster.ports(2)
@@ -936,16 +942,18 @@ class ClusterRun(ServerRun):
                                   rabbitmq=False, extra=cluster_cfg(2, ports))
 
     def start(self):
-        log(f"[{self.label}] starting node 2 of the cluster")
-        self.peer.start()
-        self.reaper.tell("pgid", self.peer.proc.pid)
+        if self.peer_up:
+            log(f"[{self.label}] starting node 2 of the cluster")
+            self.peer.start()
+            self.reaper.tell("pgid", self.peer.proc.pid)
         super().start()
-        cluster.wait_linked(self.srv, 1, self.peer, 2, timeout=30)
+        if self.peer_up:
+            cluster.wait_linked(self.srv, 1, self.peer, 2, timeout=30)
 
     def finish(self):
         super().finish()
         sent = self.srv.statistics("event_virtual").get("cluster_sent")
-        if sent:
+        if sent and self.peer_up:
             log(f"[{self.label}] {sent} cluster packet(s) sent: a subscriber failed")
 
     def stop(self):
@@ -1146,8 +1154,8 @@ TITLES = {
     "async": "Asynchronous delivery: event_stream, reliable mode (local JSON-RPC server)",
     "rabbitmq": "Asynchronous delivery: event_rabbitmq (local broker)",
     "spool_empty": "Spool on and empty (UDP subscribers never fail), against no spool",
-    "cluster": "Cluster on (node 1 of two, the other up; subscribers healthy), against no "
-               "cluster",
+    "cluster": "Cluster on (node 1 of two; subscribers healthy, the other node up; or one "
+               "subscriber dead, the other node down), against no cluster",
     "spool_replay": "Spool replay: a full FAILOVER SPOOL queue drained into its event_stream "
                     "subscriber when it comes back (events/s), against direct event_stream",
 }
@@ -1277,9 +1285,10 @@ def main():
         if any(r.transport == "replay" for r in rows):
             runs.append(ReplayRun(EVV_MODULE.resolve(), rows, args, workdir / "ours-spool",
                                   reaper, rpc))
-        if any(r.group == "cluster" for r in rows):
-            runs.append(ClusterRun(EVV_MODULE.resolve(), rows, args, workdir / "ours-cluster",
-                                   reaper, rpc))
+        for peer in ("up", "down"):
+            if any(r.cluster == peer for r in rows):
+                runs.append(ClusterRun(peer, EVV_MODULE.resolve(), rows, args,
+                                       workdir / f"ours-cluster-{peer}", reaper, rpc))
         if args.no_c:
             c_note = "C module run skipped (--no-c)"
         elif C_MODULE.is_file():
