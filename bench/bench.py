@@ -948,7 +948,7 @@ class ClusterRun(ServerRun):
             self.reaper.tell("pgid", self.peer.proc.pid)
         super().start()
         if self.peer_up:
-            cluster.wait_linked(self.srv, 1, self.peer, 2, timeout=30)
+            cluster.wait_up(self.srv, 2)
 
     def finish(self):
         super().finish()

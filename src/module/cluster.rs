@@ -190,10 +190,11 @@ impl Capability for Peers {
         };
         if !hear(&heard, node) {
             DROPPED.add(1);
+            let (i, event) = (heard.index, Quoted(heard.event));
             log!(
                 DBG,
-                "dropped a cluster packet from node {node}: {}",
-                Unknown(&heard)
+                "dropped a cluster packet from node {node}: no subscriber {i} of 'virtual:{}' to event '{event}' here",
+                Quoted(heard.socket)
             );
         }
     }
@@ -239,20 +240,4 @@ fn hear(h: &Health<'_>, node: i32) -> bool {
         }
     }
     found
-}
-
-/// A packet that names no subscription here, for the log.
-struct Unknown<'h, 'a>(&'h Health<'a>);
-
-impl std::fmt::Display for Unknown<'_, '_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let h = self.0;
-        write!(
-            f,
-            "no subscriber {} of 'virtual:{}' to event '{}' here",
-            h.index,
-            Quoted(h.socket),
-            Quoted(h.event)
-        )
-    }
 }

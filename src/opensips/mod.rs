@@ -1,6 +1,6 @@
 //! Thin, safe wrappers over the OpenSIPS core and the C shim: strings,
-//! logging, shared memory, events, transports, MI and the module's
-//! declaration.  Nothing here knows the module built on it, and nothing
+//! logging, shared memory, events, transports, MI, the module's
+//! declaration and the clusterer's API.  Nothing here knows the module built on it, and nothing
 //! here imports from outside this layer (`tests/layers.rs` checks it).
 //!
 //! Every `unsafe` of the module lives in this layer, or in the module's

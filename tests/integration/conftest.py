@@ -135,7 +135,8 @@ def make_cluster(make_srv, tmp_path_factory):
     node 2]: two servers of this test's own in one cluster
     (evvharness.cluster), with the test's server options and each node's
     own; a node not started is returned unstarted (a peer that is down).
-    Both started: returned once their link is up."""
+    Both started: returned once node 1 sees node 2 up (node 1 can tell
+    node 2)."""
     def make(a=None, b=None, start=(True, True)):
         ports = cluster.ports(2)
         nodes = []
@@ -146,7 +147,7 @@ def make_cluster(make_srv, tmp_path_factory):
             nodes.append(make_srv(**options) if go else
                          OpenSips(tmp_path_factory.mktemp("opensips"), **options))
         if all(start):
-            cluster.wait_linked(nodes[0], 1, nodes[1], 2)
+            cluster.wait_up(nodes[0], 2)
         return nodes
     return make
 

@@ -55,9 +55,14 @@ def link_state(srv, node_id):
     return None
 
 
-def wait_linked(a, a_id, b, b_id, timeout=15):
-    wait_until(lambda: link_state(a, b_id) == "Up" and link_state(b, a_id) == "Up", timeout,
-               f"the cluster link between nodes {a_id} and {b_id}", interval=0.1)
+def wait_up(srv, node_id, timeout=30):
+    """Until srv sees node_id's link Up (clusterer_list): srv can send to
+    it. Only that direction: on 3.6.8, under load, a node has been seen
+    to stay in Probe for more than 30 s while its peer saw it Up, and to
+    get the peer's packets all the same."""
+    wait_until(lambda: link_state(srv, node_id) == "Up", timeout,
+               f"node {node_id}'s link to be up (seen as {link_state(srv, node_id)})",
+               interval=0.1)
 
 
 # ---- crafted packets: what a peer could send on the module's capability ----
