@@ -99,6 +99,14 @@ fn main() {
         .allowlist_function("add_mi_(array|object|string|number)")
         .allowlist_function("get_mi_(string|int)_param")
         .allowlist_function("free_mi_response")
+        // the clusterer (issue 18): its API as each tree declares it (4.0
+        // added functions ahead of send_to), its bin packets, and the
+        // dependency on it that a modparam makes
+        .allowlist_type("clusterer_binds|load_clusterer_f|bin_packet_t|dep_export_t")
+        .allowlist_type("clusterer_event|clusterer_send_ret|cl_node_match_op")
+        .allowlist_function("find_export|alloc_module_dep|_bin_init|bin_free_packet")
+        .allowlist_function("bin_(push|pop)_(str|int)")
+        .allowlist_var("BIN_PACKET_MARKER_SIZE|PKG_LEN_FIELD_SIZE|DEP_WARN|MAX_MOD_DEPS")
         .allowlist_function("evv_.*")
         .allowlist_var("evv_.*")
         .allowlist_var("EVI_.*")

@@ -34,6 +34,12 @@ this module), and prints rates and the ratios to compare:
             subscription made again until the last held event was replayed
             (the claim, within ~1 s, is part of the time), against the spool
             replay without a restart.
+  cluster   ROUND-ROBIN and FAILOVER x3 over UDP on node 1 of a two-node
+            cluster (clusterer, proto_bin, event_virtual's cluster_id; node
+            2 up, every subscriber healthy), and ROUND-ROBIN x3 with one
+            dead subscriber on node 1 of a cluster whose node 2 is down,
+            against the same on the server without a cluster (ours only,
+            on more OpenSIPS).
 
 Rows are in ROWS below, one line each; `--only GROUP,...` picks groups (the
 rows they are compared to come along). Synchronous rows: rate = raises per
@@ -70,13 +76,13 @@ REPO_ROOT = HERE.parent
 sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 
 # the only names taken from the test harness
-from evvharness import OpenSips, RabbitMQBroker, sip_request, virtual  # noqa: E402
+from evvharness import OpenSips, RabbitMQBroker, cluster, sip_request, virtual  # noqa: E402
 from evvharness.env import EVV_MODULE, OPENSIPS_SRC  # noqa: E402
 from evvharness.processes import die_with_parent, group_alive  # noqa: E402
 
 C_MODULE = OPENSIPS_SRC / "modules" / "event_virtual" / "event_virtual.so"
 
-GROUPS = ("sync", "scale", "async", "rabbitmq", "spool", "durable")
+GROUPS = ("sync", "scale", "async", "rabbitmq", "spool", "durable", "cluster")
 
 
 # --------------------------------------------------------------------------
@@ -97,6 +103,7 @@ class Row:
     target: float = None  # reported (never asserted): ratio to the ideal >= target
     c_has_it: bool = True  # False: a policy the C module does not have
     durable: bool = False  # on an OpenSIPS with restart_persistency on
+    cluster: str = None  # "up" / "down": on node 1 of a cluster, node 2 up or down
 
     @property
     def event(self):
@@ -160,6 +167,13 @@ ROWS = [
     # measured by ReplayRun (durable): held, a clean stop and a start, replayed
     Row("durable", "SPRR", "FAILOVER SPOOL replay after a restart, event_stream, 2 params",
         "replay", f"{FO} SPOOL({{n}})", 1, True, "SPR", c_has_it=False, durable=True),
+    # measured by ClusterRun, on node 1 of a two-node cluster, node 2 up or down
+    Row("cluster", "RR_CL", "ROUND-ROBIN x3, cluster on, no params", "udp", RR, 3, False,
+        "RR_N", target=0.9, c_has_it=False, cluster="up"),
+    Row("cluster", "FO_CL", "FAILOVER x3, cluster on, no params", "udp", FO, 3, False,
+        "FO_N", target=0.9, c_has_it=False, cluster="up"),
+    Row("cluster", "RR_CLD", "ROUND-ROBIN x3, 1 dead, cluster on, peer down, no params",
+        "udp+dead", RR, 3, False, "RR_DEAD", target=0.9, c_has_it=False, cluster="down"),
 ]
 BY_KEY = {r.key: r for r in ROWS}
 # ratios printed under the tables besides each row's own: (row, compared to)
@@ -705,8 +719,10 @@ class ServerRun:
                  durable=False):
         self.label = label
         self.module = module
-        # the replay rows are ReplayRun's; the durable rows a durable server's
-        self.rows = [r for r in rows if r.transport != "replay" and r.durable == durable]
+        # the replay rows are ReplayRun's, the cluster rows ClusterRun's; the
+        # durable rows a durable server's
+        self.rows = [r for r in rows
+                     if r.transport != "replay" and r.durable == durable and not r.cluster]
         self.args = args
         self.reaper = reaper
         extra = (f'modparam("event_virtual", "spool_max_memory", "{self.DURABLE_MB}M")\n'
@@ -720,6 +736,8 @@ class ServerRun:
         for r in rows:
             if (r.transport == "replay" or r.durable) and label == "C":
                 self.results[r.key]["error"] = "the C module has no spool"
+            if r.cluster and label == "C":
+                self.results[r.key]["error"] = "the C module has no cluster"
         self.runner = None
         self.counts = {}
         self.dead = None  # why this server is no longer measured
@@ -938,6 +956,56 @@ class ReplayRun(ServerRun):
         self.results[row.key]["cpu"].append(cpu)
 
 
+def cluster_cfg(node_id, ports):
+    """The configuration lines of node `node_id` of a two-node cluster
+    (the test harness's evvharness.cluster options, written out)."""
+    o = cluster.node_options(node_id, ports)
+    out = [f"socket = {s}" for s in o["sockets"]]
+    for mod, params in o["extra_modules"].items():
+        out.append(f'loadmodule "{mod}.so"')
+        out += [f'modparam("{mod}", "{p}", {json.dumps(v)})' for p, v in params.items()]
+    out += [f'modparam("event_virtual", "{p}", {v})' for p, v in o["virtual_params"].items()]
+    return "\n".join(out) + "\n"
+
+
+class ClusterRun(ServerRun):
+    """The cluster rows, this module only: node 1 of a two-node cluster
+    measured as the "ours" server is. Node 2 is up (the same script, no
+    subscription), or configured and never started (`peer` "down")."""
+
+    def __init__(self, peer, module, rows, args, workdir, reaper, rpc):
+        super().__init__(f"ours cluster, peer {peer}", module, [], args, workdir, reaper,
+                         rpc, None)
+        self.peer_up = peer == "up"
+        self.rows = [r for r in rows if r.cluster == peer]
+        self.results = {r.key: {"rate": [], "cpu": [], "shm": None, "error": None,
+                                "lost": []} for r in self.rows}
+        ports = cluster.ports(2)
+        self.srv = BenchOpenSips(Path(workdir) / "a", module, self.rows, args, rabbitmq=False,
+                                 extra=cluster_cfg(1, ports))
+        self.peer = BenchOpenSips(Path(workdir) / "b", module, self.rows, args,
+                                  rabbitmq=False, extra=cluster_cfg(2, ports))
+
+    def start(self):
+        if self.peer_up:
+            log(f"[{self.label}] starting node 2 of the cluster")
+            self.peer.start()
+            self.reaper.tell("pgid", self.peer.proc.pid)
+        super().start()
+        if self.peer_up:
+            cluster.wait_up(self.srv, 2)
+
+    def finish(self):
+        super().finish()
+        sent = self.srv.statistics("event_virtual").get("cluster_sent")
+        if sent and self.peer_up:
+            log(f"[{self.label}] {sent} cluster packet(s) sent: a subscriber failed")
+
+    def stop(self):
+        super().stop()
+        self.peer.stop()
+
+
 LOAD_SEEN = []  # 1-minute load average after each round
 
 
@@ -1131,6 +1199,8 @@ TITLES = {
     "async": "Asynchronous delivery: event_stream, reliable mode (local JSON-RPC server)",
     "rabbitmq": "Asynchronous delivery: event_rabbitmq (local broker)",
     "spool_empty": "Spool on and empty (UDP subscribers never fail), against no spool",
+    "cluster": "Cluster on (node 1 of two; subscribers healthy, the other node up; or one "
+               "subscriber dead, the other node down), against no cluster",
     "spool_replay": "Spool replay: a full FAILOVER SPOOL queue drained into its event_stream "
                     "subscriber when it comes back (events/s), against direct event_stream",
     "durable_empty": "Restart persistency on, spool on and empty (UDP subscribers never fail), "
@@ -1269,6 +1339,10 @@ def main():
             if any(r.transport == "replay" and r.durable == durable for r in rows):
                 runs.append(ReplayRun(EVV_MODULE.resolve(), rows, args, workdir / (
                     "ours-spool" + ("-durable" if durable else "")), reaper, rpc, durable))
+        for peer in ("up", "down"):
+            if any(r.cluster == peer for r in rows):
+                runs.append(ClusterRun(peer, EVV_MODULE.resolve(), rows, args,
+                                       workdir / f"ours-cluster-{peer}", reaper, rpc))
         if args.no_c:
             c_note = "C module run skipped (--no-c)"
         elif C_MODULE.is_file():

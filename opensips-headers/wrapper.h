@@ -11,5 +11,8 @@
 #include "mi/mi.h"
 #include "mi/item.h"
 #include "statistics.h"
+/* the clusterer's API and its bin packets (issue 18: src/opensips/cluster.rs) */
+#include "bin_interface.h"
+#include "modules/clusterer/api.h"
 
 #include "../include/event_virtual.h"

@@ -9,6 +9,7 @@
 //! every `unsafe` line), and `module` is the transport built on them; see
 //! `doc/architecture.md`.
 
+pub mod cluster;
 pub mod opensips;
 pub mod policy;
 pub mod socket;

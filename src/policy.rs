@@ -8,7 +8,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use crate::socket::{MAX_SUBSCRIBERS, Policy};
 
@@ -43,6 +43,20 @@ pub struct Health {
     failed_at: AtomicU64,
     attempts: AtomicU64,
     failures: AtomicU64,
+    /// The cluster node whose word set this state ([`Health::hear`]), or
+    /// 0 when this node's own attempts did.
+    peer: AtomicU32,
+    /// A transition of this node's own that the cluster has not been told.
+    untold: AtomicBool,
+}
+
+/// What a node tells the others of one of its subscribers (issue 18): it
+/// is healthy, or it failed `age_ms` ago.  An age, not a time: each node
+/// has its own clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Told {
+    Healthy,
+    Failing { age_ms: u64 },
 }
 
 /// A subscriber's health as an operator sees it.
@@ -95,16 +109,67 @@ impl Health {
         window_ms != 0 && at != 0 && now_ms.saturating_sub(at) < window_ms
     }
 
-    /// Record one attempt's result; returns the transition it caused.
+    /// Record one attempt's result; returns the transition it caused,
+    /// which is the cluster's to be told.
     pub fn record(&self, ok: bool, now_ms: u64) -> Option<Transition> {
         self.attempts.fetch_add(1, Relaxed);
-        if ok {
+        // this node's own finding now, whoever's it was
+        if self.peer.load(Relaxed) != 0 {
+            self.peer.store(0, Relaxed);
+        }
+        let t = if ok {
             (self.failed_at.swap(0, Relaxed) != 0).then_some(Transition::Recovered)
         } else {
             self.failures.fetch_add(1, Relaxed);
             // 0 means healthy, so a failure is never recorded as time 0
             (self.failed_at.swap(now_ms.max(1), Relaxed) == 0).then_some(Transition::Failing)
+        };
+        if t.is_some() {
+            self.untold.store(true, Relaxed);
         }
+        t
+    }
+
+    /// What to tell the cluster of this subscriber now.
+    pub fn told(&self, now_ms: u64) -> Told {
+        match self.failed_at.load(Relaxed) {
+            0 => Told::Healthy,
+            at => Told::Failing {
+                age_ms: now_ms.saturating_sub(at),
+            },
+        }
+    }
+
+    /// [`Health::told`], once after each transition of this node's own.
+    pub fn take_untold(&self, now_ms: u64) -> Option<Told> {
+        self.untold.swap(false, Relaxed).then(|| self.told(now_ms))
+    }
+
+    /// Node `node` told this of the subscriber: a failure counts from when
+    /// it happened there (the later of two failures wins), a recovery
+    /// clears it.  No attempt is counted, and nothing is told on: returns
+    /// the transition it made here, for the rotation's count.
+    pub fn hear(&self, told: Told, node: u32, now_ms: u64) -> Option<Transition> {
+        self.untold.store(false, Relaxed);
+        match told {
+            Told::Failing { age_ms } => {
+                let at = now_ms.saturating_sub(age_ms).max(1);
+                let before = self.failed_at.fetch_max(at, Relaxed);
+                if before < at {
+                    self.peer.store(node, Relaxed);
+                }
+                (before == 0).then_some(Transition::Failing)
+            }
+            Told::Healthy => {
+                self.peer.store(node, Relaxed);
+                (self.failed_at.swap(0, Relaxed) != 0).then_some(Transition::Recovered)
+            }
+        }
+    }
+
+    /// The node whose word set this state, if not this node's own attempts.
+    pub fn peer(&self) -> Option<u32> {
+        Some(self.peer.load(Relaxed)).filter(|&n| n != 0)
     }
 
     pub fn state(&self, now_ms: u64, window_ms: u64) -> State {
@@ -385,6 +450,25 @@ pub fn record<S: AsRef<Health>, D: Driver>(
         };
         driver.transition(i, t);
     }
+}
+
+/// What node `node` told of subscriber `i` ([`Health::hear`]), counted in
+/// the socket's `rotation` as [`record`] counts a transition; the
+/// transition it made, if any.
+pub fn hear<S: AsRef<Health>>(
+    rotation: &Rotation,
+    subs: &[S],
+    i: usize,
+    told: Told,
+    node: u32,
+    now_ms: u64,
+) -> Option<Transition> {
+    let t = subs[i].as_ref().hear(told, node, now_ms)?;
+    match t {
+        Transition::Failing => rotation.failing.fetch_add(1, Relaxed),
+        Transition::Recovered => rotation.failing.fetch_sub(1, Relaxed),
+    };
+    Some(t)
 }
 
 /// One event, offered synchronously: [`Walk::begin`] then [`Walk::run`].
@@ -860,6 +944,88 @@ mod tests {
         assert_eq!(h.record(true, 4), Some(Transition::Recovered));
         assert_eq!(h.record(true, 5), None);
         assert_eq!((h.attempts(), h.failures()), (5, 2));
+    }
+
+    #[test]
+    fn only_this_nodes_own_transitions_are_told_once_each() {
+        let h = Health::default();
+        assert_eq!(h.take_untold(5), None);
+        h.record(false, 100);
+        h.record(false, 150); // no transition: nothing more to tell
+        assert_eq!(h.take_untold(400), Some(Told::Failing { age_ms: 250 }));
+        assert_eq!(h.take_untold(400), None);
+        h.record(true, 500);
+        assert_eq!(h.take_untold(600), Some(Told::Healthy));
+        // what a peer told is never told on (no echo between nodes)
+        h.hear(Told::Failing { age_ms: 0 }, 2, 700);
+        assert_eq!(h.take_untold(800), None);
+    }
+
+    #[test]
+    fn a_peers_failure_skips_the_subscriber_without_an_attempt() {
+        let s = Socket::new(Policy::Failover, 2);
+        let t = hear(
+            &s.rotation,
+            &s.subs,
+            0,
+            Told::Failing { age_ms: 300 },
+            2,
+            1000,
+        );
+        assert_eq!(t, Some(Transition::Failing));
+        let h = &s.subs[0].0;
+        assert_eq!(h.peer(), Some(2));
+        // the window counts from the failure at the peer: 700 ms are left
+        assert_eq!(h.state(1000, 1000), State::Skipped { for_ms: 700 });
+        let mut f = Fake::new(&[true, true]);
+        assert_eq!(s.event(&mut f, 1000).taken, 1);
+        assert_eq!(f.tried, [1]);
+        assert_eq!((h.attempts(), h.failures()), (0, 0));
+        // and it is tried again once the window is over
+        let mut f = Fake::new(&[true, true]);
+        s.event(&mut f, 1700);
+        assert_eq!(f.tried, [0]);
+        assert_eq!(h.peer(), None, "an attempt makes the state this node's own");
+    }
+
+    #[test]
+    fn a_peers_recovery_takes_its_failure_back() {
+        let s = Socket::new(Policy::RoundRobin, 3);
+        hear(&s.rotation, &s.subs, 1, Told::Failing { age_ms: 0 }, 2, 50);
+        assert_eq!(s.rotation.failing.load(Relaxed), 1);
+        let t = hear(&s.rotation, &s.subs, 1, Told::Healthy, 2, 60);
+        assert_eq!(t, Some(Transition::Recovered));
+        assert_eq!(s.rotation.failing.load(Relaxed), 0);
+        assert_eq!(s.subs[1].0.state(60, 1000), State::Healthy);
+        assert_eq!(s.subs[1].0.peer(), Some(2));
+        // told twice: counted once
+        assert_eq!(hear(&s.rotation, &s.subs, 1, Told::Healthy, 2, 70), None);
+        assert_eq!(s.rotation.failing.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn of_two_failures_the_later_counts() {
+        let h = Health::default();
+        h.record(false, 900);
+        // the peer's is older: this node's own stands
+        assert_eq!(h.hear(Told::Failing { age_ms: 500 }, 2, 1000), None);
+        assert_eq!(
+            (h.state(1000, 1000), h.peer()),
+            (State::Skipped { for_ms: 900 }, None)
+        );
+        // the peer's is newer: its window
+        h.hear(Told::Failing { age_ms: 10 }, 3, 1000);
+        assert_eq!(
+            (h.state(1000, 1000), h.peer()),
+            (State::Skipped { for_ms: 990 }, Some(3))
+        );
+        // an age longer than this node's clock is still a failure
+        let h = Health::default();
+        assert_eq!(
+            h.hear(Told::Failing { age_ms: 99 }, 2, 5),
+            Some(Transition::Failing)
+        );
+        assert_eq!(h.state(5, 0), State::Failing);
     }
 
     #[test]

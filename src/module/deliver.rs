@@ -236,6 +236,7 @@ impl Driver for CoreDriver<'_> {
     }
 
     fn transition(&mut self, i: usize, t: Transition) {
+        super::cluster::announce();
         match t {
             Transition::Failing => log!(WARN, "{} is failing", self.describe(i)),
             Transition::Recovered => log!(NOTICE, "{} has recovered", self.describe(i)),

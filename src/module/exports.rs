@@ -7,6 +7,7 @@
 use std::ffi::c_int;
 use std::sync::atomic::Ordering;
 
+use super::cluster;
 use super::hooks::Virtual;
 use super::mi_list::{HashByIndex, HashBySocket, ListAll, ListEvent, Retry};
 use super::shared::{
@@ -17,8 +18,8 @@ use crate::opensips::evi::TransportExport;
 use crate::opensips::log::log;
 use crate::opensips::mi::{self, Recipe};
 use crate::opensips::module::{
-    Commands, Exports, Gauge, IntParam, Module, PARAMS_END, PROC_FLAG_INITCHILD, PROCS_END, Params,
-    Process, Procs, STATS_END, Stats, StrParam, Table, gauge_export, process,
+    Commands, Deps, Exports, Gauge, IntParam, Module, Needed, PARAMS_END, PROC_FLAG_INITCHILD,
+    PROCS_END, Params, Process, Procs, STATS_END, Stats, StrParam, Table, gauge_export, process,
 };
 use crate::opensips::shm_total;
 use crate::socket::VIRTUAL_PROTO;
@@ -37,8 +38,10 @@ static SPOOL_RETRY_INTERVAL: IntParam = IntParam::new(DEFAULT_RETRY_MS as c_int)
 // issue 17's
 static RESTART_PERSISTENCY: IntParam = IntParam::new(0);
 static RESTART_PERSISTENCY_GRACE: IntParam = IntParam::new(300);
+// the cluster's (issue 18): 0, off
+static CLUSTER_ID: IntParam = IntParam::new(0);
 
-static PARAMS: Params<8> = Table([
+static PARAMS: Params<9> = Table([
     FAILOVER_TIMEOUT.export(c"failover_timeout"),
     SPOOL_SIZE.export(c"spool_size"),
     SPOOL_MAX_AGE.export(c"spool_max_age"),
@@ -46,8 +49,16 @@ static PARAMS: Params<8> = Table([
     SPOOL_RETRY_INTERVAL.export(c"spool_retry_interval"),
     RESTART_PERSISTENCY.export(c"restart_persistency"),
     RESTART_PERSISTENCY_GRACE.export(c"restart_persistency_grace"),
+    CLUSTER_ID.export(c"cluster_id"),
     PARAMS_END,
 ]);
+
+/// With `cluster_id` set, the clusterer is initialised first.
+struct Clusterer;
+impl Needed for Clusterer {
+    const MODULE: &'static std::ffi::CStr = c"clusterer";
+}
+static DEPS: Deps<2> = Deps::when_set::<Clusterer>(c"cluster_id");
 
 /// `spool_held`: events held now, in every queue.
 struct SpoolHeld;
@@ -82,7 +93,7 @@ persist_gauge!(Restored, restored);
 persist_gauge!(RestoreWaiting, waiting);
 persist_gauge!(RestoreDropped, dropped);
 
-static STATS: Stats<16> = Table([
+static STATS: Stats<19> = Table([
     EVENTS.export(c"events"),
     DELIVERED.export(c"events_delivered"),
     FAILED.export(c"events_failed"),
@@ -98,6 +109,9 @@ static STATS: Stats<16> = Table([
     gauge_export::<RestoreWaiting>(c"restore_waiting"),
     gauge_export::<RestoreDropped>(c"restore_dropped"),
     UNPERSISTED.export(c"events_unpersisted"),
+    cluster::SENT.export(c"cluster_sent"),
+    cluster::RECEIVED.export(c"cluster_received"),
+    cluster::DROPPED.export(c"cluster_dropped"),
     STATS_END,
 ]);
 
@@ -158,7 +172,8 @@ pub const EXPORTS: Exports = Exports::new::<EventVirtual>(
     &STATS.0,
     &MI_COMMANDS.0,
     &PROCS.0,
-);
+)
+.needing(&DEPS);
 
 pub struct EventVirtual;
 
@@ -202,6 +217,15 @@ impl Module for EventVirtual {
             }
         }
         super::status::init()?;
+        match CLUSTER_ID.get() {
+            0 => {}
+            id if id < 0 => {
+                return Err(format!(
+                    "cluster_id must be 0 (off) or a cluster's id, not {id}"
+                ));
+            }
+            id => cluster::init(id)?,
+        }
         let registered = TRANSPORT.register();
         registered
             .then_some(())

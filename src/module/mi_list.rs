@@ -69,6 +69,9 @@ fn render(root: &Item, list: &Listed) -> Result<(), Full> {
             }
             so.string("socket", sock.token(s))?;
             render_state(&so, s.health.state(now, window), wall_ms)?;
+            if let Some(node) = s.health.peer() {
+                so.number("from_node", node.into())?;
+            }
             so.number("attempts", s.health.attempts() as f64)?;
             so.number("failures", s.health.failures() as f64)?;
         }

@@ -9,6 +9,7 @@
 //! - `status`: the module's status event, recorded and raised later;
 //! - `spool`: holding events in a socket's queues;
 //! - `restore`: what a previous run held, back into its subscription's queues;
+//! - `cluster`: subscriber health shared with the other nodes of a cluster;
 //! - `deliver`: one event offered to the subscribers, its asynchronous
 //!   chains and its accounting;
 //! - `replay`: the spool's replay process and MI retry;
@@ -16,6 +17,7 @@
 //! - `mi_list`: MI `event_virtual_list`, `event_virtual_hash`, `event_virtual_retry`;
 //! - `exports`: the module's declaration and its initialisation.
 
+pub mod cluster;
 pub mod deliver;
 pub mod exports;
 pub mod held;

@@ -48,6 +48,7 @@ pub fn run() -> ! {
             super::restore::sweep();
         }
         status::raise_recorded();
+        super::cluster::flush();
         if sp.budget.held() == 0 && !episodes_open {
             futex::wait(sp.doorbell.word(), seen, IDLE_MS);
             continue;

@@ -1,6 +1,7 @@
 //! Thin, safe wrappers over the OpenSIPS core and the C shim: strings,
-//! logging, shared memory, restart-persistent memory, events, transports, MI and the module's
-//! declaration.  Nothing here knows the module built on it, and nothing
+//! logging, shared memory, restart-persistent memory, events, transports,
+//! MI, the module's declaration and the clusterer's API.  Nothing here
+//! knows the module built on it, and nothing
 //! here imports from outside this layer (`tests/layers.rs` checks it).
 //!
 //! Every `unsafe` of the module lives in this layer, or in the module's
@@ -29,6 +30,7 @@ core_only! {
         include!(concat!(env!("OUT_DIR"), "/opensips.rs"));
     }
 
+    pub(crate) mod cluster;
     pub(crate) mod event;
     pub(crate) mod evi;
     pub(crate) mod futex;

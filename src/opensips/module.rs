@@ -69,6 +69,70 @@ impl Exports {
     }
 }
 
+impl Exports {
+    /// The modules this one needs (`deps`), that the core initialises first.
+    pub const fn needing<const N: usize>(mut self, deps: &'static Deps<N>) -> Exports {
+        self.0.deps = (deps as *const Deps<N>).cast();
+        self
+    }
+}
+
+/// `dep_export_t` with its modparam dependencies in place: the C type ends
+/// in a flexible array, which a Rust static cannot hold.
+#[repr(C)]
+pub struct Deps<const N: usize> {
+    md: [sys::module_dependency_t; sys::MAX_MOD_DEPS as usize],
+    mpd: [sys::modparam_dependency_t; N],
+}
+
+const _: () = assert!(
+    std::mem::offset_of!(Deps<2>, mpd) == std::mem::offset_of!(sys::dep_export_t, mpd)
+);
+
+// SAFETY: never written after load; it points at static data and functions.
+unsafe impl<const N: usize> Sync for Deps<N> {}
+
+/// The module an integer modparam names a need of.
+pub trait Needed {
+    const MODULE: &'static CStr;
+}
+
+impl Deps<2> {
+    /// `M::MODULE` is needed when the integer modparam `param` is above 0,
+    /// as the clusterer's own `get_deps_clusterer` says, but with a warning
+    /// where it aborts: mod_init then says what is missing.
+    pub const fn when_set<M: Needed>(param: &'static CStr) -> Deps<2> {
+        Deps {
+            // SAFETY: all-zero is no module dependency (MOD_TYPE_NULL).
+            md: unsafe { std::mem::zeroed() },
+            mpd: [
+                sys::modparam_dependency_t {
+                    script_param: param.as_ptr().cast_mut(),
+                    get_deps_f: Some(needed_when_set::<M>),
+                },
+                // SAFETY: all-zero is the terminator the core expects.
+                unsafe { std::mem::zeroed() },
+            ],
+        }
+    }
+}
+
+unsafe extern "C" fn needed_when_set<M: Needed>(
+    param: *const param_export_t,
+) -> *mut sys::module_dependency_t {
+    super::entry("module dependencies", null_mut(), || {
+        // SAFETY: the core passes the export of an INT_PARAM of ours, whose
+        // pointer is its int, set by the configuration.
+        let set = unsafe { param.as_ref().is_some_and(|p| *p.param_pointer.cast::<c_int>() > 0) };
+        if !set {
+            return null_mut();
+        }
+        let name = M::MODULE.as_ptr().cast_mut();
+        // SAFETY: the core copies nothing but keeps the static name.
+        unsafe { sys::alloc_module_dep(sys::module_type_MOD_TYPE_DEFAULT, name, sys::DEP_WARN) }
+    })
+}
+
 /// A table of what the module exports (parameters, statistics, MI
 /// commands), whose last entry is the terminator the core expects.
 pub struct Table<T, const N: usize>(pub [T; N]);

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evvharness import (EVV_MODULE, OPENSIPS_SRC, OpenSips, RabbitMQBroker,  # noqa: E402
-                        Receivers, check_prerequisites)
+                        Receivers, check_prerequisites, cluster)
 
 
 def pytest_configure(config):
@@ -126,6 +126,29 @@ def spool_srv(make_srv):
     def make(failover_timeout=0, extra_modules=(), **spool):
         return make_srv(failover_timeout=failover_timeout, extra_modules=extra_modules,
                         virtual_params={"spool_retry_interval": SPOOL_RETRY_MS, **spool})
+    return make
+
+
+@pytest.fixture
+def make_cluster(make_srv, tmp_path_factory):
+    """make_cluster(a_options, b_options, start=(True, True)) -> [node 1,
+    node 2]: two servers of this test's own in one cluster
+    (evvharness.cluster), with the test's server options and each node's
+    own; a node not started is returned unstarted (a peer that is down).
+    Both started: returned once node 1 sees node 2 up (node 1 can tell
+    node 2)."""
+    def make(a=None, b=None, start=(True, True)):
+        ports = cluster.ports(2)
+        nodes = []
+        for node_id, (own, go) in enumerate(zip((a or {}, b or {}), start), 1):
+            options = cluster.node_options(node_id, ports)
+            for k, v in (own or {}).items():
+                options[k] = {**options.get(k, {}), **v} if isinstance(v, dict) else v
+            nodes.append(make_srv(**options) if go else
+                         OpenSips(tmp_path_factory.mktemp("opensips"), **options))
+        if all(start):
+            cluster.wait_up(nodes[0], 2)
+        return nodes
     return make
 
 

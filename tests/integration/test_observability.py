@@ -16,7 +16,7 @@ import time
 import pytest
 from opensips.mi import OpenSIPSMI, OpenSIPSMIException
 
-from evvharness import SPOOL_STATS, VIRTUAL_STATS, MIError, raise_one, stats_delta, virtual, wait_until
+from evvharness import CLUSTER_STATS, SPOOL_STATS, VIRTUAL_STATS, MIError, raise_one, stats_delta, virtual, wait_until
 
 # the shared `srv` and `own_srv` servers of this file: short, for the
 # recovery test. The exact "skipped" checks run on a server with
@@ -368,7 +368,8 @@ def test_opensips_mi_client_reads_the_list_and_statistics(srv, recv, tmp_path):
     proc = _run_opensips_mi(srv, tmp_path, "-s", "event_virtual:")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     st = json.loads(proc.stdout)
-    assert sorted(st) == sorted(f"event_virtual:{s}" for s in VIRTUAL_STATS + SPOOL_STATS), st
+    assert sorted(st) == sorted(f"event_virtual:{s}" for s in VIRTUAL_STATS + SPOOL_STATS
+                                                    + CLUSTER_STATS), st
     assert {k.split(":", 1)[1]: v for k, v in st.items()} == srv.virtual_stats()
 
     # an unknown event: the client reports the error and exits non-zero

@@ -9,6 +9,7 @@ Everything talks to a real OpenSIPS over loopback only:
   mi          the MI client: the official `opensips.mi`, wrapped thinly
   sip         the SIP request builder (tests and bench)
   receivers   what UDP / unix datagram / flatstore / JSON-RPC subscribers got
+  cluster     two servers in one OpenSIPS cluster (clusterer, proto_bin)
   checks      virtual socket strings, raise_one, absence and once-only checks
   broker      a throw-away RabbitMQ broker
   processes   spawning in a process group that dies with the run, stopping it
@@ -16,12 +17,13 @@ Everything talks to a real OpenSIPS over loopback only:
               progress), ports
 """
 
+from . import cluster
 from .broker import BrokerError, RabbitMQBroker
 from .checks import (Raiser, assert_each_once, assert_quiet, raise_one, seq_of, seqs_of,
                      sweep, virtual, wait_shm_back, who_got)
 from .env import EVV_MODULE, OPENSIPS_SRC, check_prerequisites
 from .mi import MIError, ServerDied
 from .receivers import Receivers, identity, tag_of
-from .server import EVENT_POOL, SPOOL_STATS, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
+from .server import CLUSTER_STATS, EVENT_POOL, SPOOL_STATS, VIRTUAL_STATS, OpenSips, crash_lines, stats_delta
 from .sip import sip_request
 from .util import DEFAULT_TIMEOUT, closed_tcp_port, free_port, wait_until, wait_while_moving

@@ -28,6 +28,8 @@ VIRTUAL_STATS = ("events", "events_delivered", "events_failed", "events_incomple
 SPOOL_STATS = ("events_spooled", "events_replayed", "events_dropped", "spool_held",
                "spool_memory", "events_restored", "restore_waiting", "restore_dropped",
                "events_unpersisted")
+# ... and the cluster's (issue 18), there whether cluster_id is set or not
+CLUSTER_STATS = ("cluster_sent", "cluster_received", "cluster_dropped")
 
 # A request carrying "X-Event: E_Tn" raises E_Tn X-Count times (default 1)
 # in the worker that handles it, with params tag (X-Tag), i (loop index)
@@ -117,6 +119,10 @@ class OpenSips:
                         restart_persistency_cache_file); a str is quoted
       startup_subscriptions  [(event, socket)]: subscribe_event() calls of
                         a startup_route (the events: of EVENT_POOL)
+      sockets           more listening sockets, as written (a cluster node's
+                        bin: socket, evvharness.cluster)
+      startup_route     the body of a startup_route (subscriptions made at
+                        start, before any peer can talk to the server)
       workers, log_level
 
     A server can be stopped and started again with the same configuration
@@ -127,7 +133,7 @@ class OpenSips:
 
     def __init__(self, workdir, failover_timeout=None, workers=2, log_level=3,
                  stream_timeout=None, extra_modules=(), module=None, virtual_params=None,
-                 core_params=None, startup_subscriptions=()):
+                 core_params=None, startup_subscriptions=(), sockets=(), startup_route=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.failover_timeout = failover_timeout
@@ -136,6 +142,8 @@ class OpenSips:
         self.virtual_params = dict(virtual_params or {})
         self.core_params = dict(core_params or {})
         self.startup_subscriptions = list(startup_subscriptions)
+        self.sockets = list(sockets)
+        self.startup_route = startup_route
         self.workers = workers
         self.log_level = log_level
         self.module = Path(module or env.EVV_MODULE)
@@ -178,6 +186,7 @@ class OpenSips:
     def script(self):
         startup = "".join(f"    subscribe_event({json.dumps(e)}, {json.dumps(s)});\n"
                           for e, s in self.startup_subscriptions)
+        startup += f"{self.startup_route}\n" if self.startup_route else ""
         return SCRIPT.format(raise_cases="\n".join(
             f'        case "{e}": raise_event("{e}", $avp(evk), $avp(evv)); break;'
             for e in EVENT_POOL),
@@ -186,6 +195,7 @@ class OpenSips:
     def config(self):
         """opensips.cfg: core(), modules() with their parameters, script()."""
         out = [f"{k} = {v}" for k, v in self.core().items()]
+        out += [f"socket = {s}" for s in self.sockets]
         for so, params in self.modules():
             out.append(f'loadmodule "{so}"')
             name = Path(so).name.removesuffix(".so")
