@@ -2,8 +2,6 @@
 subscribers' health (issue 18): what one node finds failing, the other
 skips without trying it, until the first finds it back."""
 
-import os
-import signal
 
 import pytest
 
@@ -101,8 +99,7 @@ def test_a_node_that_comes_back_learns_what_the_other_finds_failing(make_cluster
     a, b = make_cluster({"failover_timeout": 60, "startup_route": startup},
                         {"failover_timeout": 60, "startup_route": startup})
     assert a.new_event() == b.new_event() == ev
-    os.killpg(b.proc.pid, signal.SIGKILL)
-    b.proc.wait()
+    b.kill_all()
 
     assert raise_one(a, ev, 0, [dead, live]) == [1]  # failing, B down
     wait_until(lambda: cluster.link_state(a, B) != "Up", 10, "A to see B down",
