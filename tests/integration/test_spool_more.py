@@ -176,6 +176,8 @@ def test_spool_churn_while_workers_raise(spool_srv, recv):
         late[p].bind()
     for p in POLICIES:
         wait_until(lambda: late_view(p)["held"] == 0, 20, f"the late {p} queue to drain")
+        # (sent is not yet read: the receiver's thread may be behind)
+        wait_until(lambda: late[p].count() >= 50, 5, f"the late {p} receiver's 50")
     assert_quiet(list(late.values()), [50, 50], window=0.5)
     r_late = 0
     for p in POLICIES:
