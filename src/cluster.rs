@@ -9,7 +9,7 @@
 //!
 //! A HEALTH packet says that one subscriber of one subscription is failing
 //! (since how long) or healthy again.  A subscription is named by its
-//! event and its [`canonical`] text, so that the same subscription made
+//! event and its text without its `SPOOL(...)` option (`socket::identity`), so that the same subscription made
 //! on each node is the same on the wire; the subscriber by its index.
 //! Its fields, in order: event (str), socket (str), index (int), state
 //! (int: 0 healthy, 1 failing), age in ms (int, 0 when healthy).
@@ -34,7 +34,7 @@ pub const HEALTH: i32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Health<'a> {
     pub event: &'a [u8],
-    /// The subscription's [`canonical`] text.
+    /// The subscription's text without its option (`socket::identity`).
     pub socket: &'a [u8],
     pub index: usize,
     pub told: Told,
@@ -120,20 +120,6 @@ pub fn decode<'a>(version: i16, kind: i32, f: &mut impl Fields<'a>) -> Result<He
         index,
         told,
     })
-}
-
-/// A subscription's text as the cluster knows it: its printed text
-/// without the `SPOOL(...)` option (`has_option`: it has one, printed
-/// second), which each node may set its own way.
-pub fn canonical(text: &[u8], has_option: bool) -> Vec<u8> {
-    let mut tokens = text.split(|&b| b == b' ');
-    let mut out = Vec::with_capacity(text.len());
-    out.extend_from_slice(tokens.next().unwrap_or_default());
-    for t in tokens.skip(usize::from(has_option)) {
-        out.push(b' ');
-        out.extend_from_slice(t);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -271,22 +257,5 @@ mod tests {
         for (fs, why) in cases {
             assert_eq!(read(&fs), Err(why), "{fs:?}");
         }
-    }
-
-    #[test]
-    fn the_canonical_text_leaves_the_spool_option_out() {
-        let c = |t: &str, o| String::from_utf8(canonical(t.as_bytes(), o)).unwrap();
-        assert_eq!(
-            c("FAILOVER udp:a:1 udp:b:2", false),
-            "FAILOVER udp:a:1 udp:b:2"
-        );
-        assert_eq!(
-            c("FAILOVER SPOOL(5) udp:a:1 udp:b:2", true),
-            "FAILOVER udp:a:1 udp:b:2"
-        );
-        assert_eq!(
-            c("HASH(k) SPOOL(5,60) udp:a:1", true),
-            c("HASH(k) udp:a:1", false)
-        );
     }
 }

@@ -409,6 +409,7 @@ mod tests {
             b"FAILOVER udp:a:1 udp:b:2"
         );
         assert_eq!(id("HASH(callid) udp:a:1"), b"HASH(callid) udp:a:1");
+        assert_eq!(id("HASH(k) SPOOL(5,60) udp:a:1"), id("HASH(k) udp:a:1"));
         assert_eq!(id("PARALLEL SPOOL(0)"), b"PARALLEL");
     }
 

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::shared;
-use super::vsock::{self, SockRef};
+use super::vsock;
 use crate::cluster::{self, CAPABILITY, Fields, HEALTH, Health, VERSION};
 use crate::opensips::cluster::{self as clusterer, Broadcast, Capability, Packet, Received};
 use crate::opensips::log::log;
@@ -86,11 +86,6 @@ pub fn announce() {
     }
 }
 
-/// The subscription's text on the wire.
-fn canonical(sock: &SockRef) -> Vec<u8> {
-    cluster::canonical(sock.text(), sock.spool.is_some())
-}
-
 /// The spool process: send what is untold, one packet per subscriber.
 pub fn flush() {
     let Some((id, c)) = on() else { return };
@@ -114,7 +109,7 @@ pub fn flush() {
                 },
                 None => continue,
             };
-            let socket = text.get_or_insert_with(|| canonical(sock));
+            let socket = text.get_or_insert_with(|| sock.identity());
             let h = Health {
                 event,
                 socket,
@@ -219,7 +214,7 @@ fn hear(h: &Health<'_>, node: i32) -> bool {
     let now = now_ms();
     let node = u32::try_from(node).unwrap_or(0);
     let mut found = false;
-    for sock in socks.iter().filter(|s| canonical(s) == h.socket) {
+    for sock in socks.iter().filter(|s| s.identity() == h.socket) {
         let subs = sock.subs();
         if h.index >= subs.len() {
             continue;

@@ -24,7 +24,6 @@ use crate::opensips::event::{EventCopy, ParamValue};
 use crate::opensips::log::log;
 use crate::opensips::mi::{Full, Item};
 use crate::opensips::{now_ms, rpm};
-use crate::socket;
 use crate::spool::durable::{self, Found, Region, Value};
 use crate::spool::lock::critical;
 use crate::spool::{Enter, Entry};
@@ -136,7 +135,7 @@ pub fn claim(event: &[u8], sock: &SockRef) {
     if !groups.iter().any(|g| g.event == event) {
         return;
     }
-    let text = socket::identity(sock.text()).concat();
+    let text = sock.identity();
     let mut moved = Vec::new();
     critical(&p.claimed, |claimed| {
         for (g, group) in groups.iter().enumerate() {

@@ -53,12 +53,11 @@ pub fn push(
     let (Some(sp), Some(queue)) = (shared::spool(), sock.queues().get(qi)) else {
         return Pushed::Lost;
     };
-    let copy = copy.or_else(|| EventCopy::new(event));
-    let record = |c: &EventCopy| Record::write(event, sock.text(), qi, c.born_ms());
-    let Some(node) = copy.and_then(|c| {
-        let r = record(&c);
-        held::node(c, r)
-    }) else {
+    let node = copy.or_else(|| EventCopy::new(event)).and_then(|c| {
+        let record = Record::write(event, sock.text(), qi, c.born_ms());
+        held::node(c, record)
+    });
+    let Some(node) = node else {
         log!(
             ERR,
             "out of shared memory holding event '{}' of '{}': lost",

@@ -257,6 +257,12 @@ impl SockRef {
         &self.text()[off..off + sub.token_len as usize]
     }
 
+    /// The printed text without its `SPOOL(...)` option: what names the
+    /// subscription to another node and to the next start.
+    pub fn identity(&self) -> Vec<u8> {
+        socket::identity(self.text()).concat()
+    }
+
     /// HASH's parameter name; None for the other policies.
     pub fn key(&self) -> Option<&[u8]> {
         // the policy first: a raise of the other policies reads no text

@@ -217,34 +217,12 @@ impl EventCopy {
     /// A copy of an event made of its parts (what a record kept), born at
     /// `born_ms`; None when out of memory or a part is too long for the core.
     pub fn rebuild(name: &[u8], params: &[(&[u8], ParamValue<'_>)], born_ms: u64) -> Option<Self> {
-        // SAFETY: no preconditions; null when out of memory.
-        let list = unsafe { sys::evi_get_params() };
-        if list.is_null() {
-            return None;
-        }
+        let list = PkgParams::build(params)?;
         let mut name = str::of(name)?;
-        let added = params.iter().all(|(pname, value)| {
-            let Some(pname) = str::of(pname) else { return false };
-            // SAFETY: list is ours; the core keeps the name's and the
-            // string's pointers (into `params`, which outlive the list) and
-            // copies the integer.
-            let r = unsafe {
-                match *value {
-                    ParamValue::Int(n) => sys::evi_param_add(list, &pname, (&raw const n).cast(), sys::EVI_INT_VAL as c_int),
-                    ParamValue::Str(v) => match str::of(v) {
-                        Some(v) => sys::evi_param_add(list, &pname, (&raw const v).cast(), sys::EVI_STR_VAL as c_int),
-                        None => -1,
-                    },
-                }
-            };
-            r == 0
-        });
-        // SAFETY: the list and the name are valid for the copy.
-        let event = unsafe { Event::from_core(null_mut(), &mut name, list) };
-        let copy = if added { Self::born(&event, born_ms) } else { None };
-        // SAFETY: ours, from evi_get_params; the copy took what it needs.
-        unsafe { sys::evi_free_params(list) };
-        copy
+        // SAFETY: the list and the name are valid for the copy, which
+        // copies what it needs; the list is freed after it.
+        let event = unsafe { Event::from_core(null_mut(), &mut name, list.0) };
+        Self::born(&event, born_ms)
     }
 
     fn born(event: &Event<'_>, born_ms: u64) -> Option<EventCopy> {
@@ -292,6 +270,48 @@ impl EventCopy {
 /// hands it to the script's `event_route` and to every subscriber.
 pub struct Published(AtomicI32);
 
+/// Parameters built in private memory from (name, value) pairs, borrowing
+/// their bytes (the core keeps the pointers); freed when dropped, unless
+/// handed to a raise, which frees them.
+struct PkgParams<'a>(*mut evi_params_t, PhantomData<&'a ()>);
+
+impl<'a> PkgParams<'a> {
+    /// None when out of memory, or a part too long for the core.
+    fn build(params: &'a [(&'a [u8], ParamValue<'a>)]) -> Option<Self> {
+        // SAFETY: no preconditions; null when out of memory.
+        let list = PkgParams(unsafe { sys::evi_get_params() }, PhantomData);
+        if list.0.is_null() {
+            return None;
+        }
+        for (pname, value) in params {
+            let name = str::of(pname)?;
+            let text;
+            let (value, flags) = match value {
+                ParamValue::Int(n) => (from_ref(n).cast::<c_void>(), sys::EVI_INT_VAL),
+                ParamValue::Str(v) => {
+                    text = str::of(v)?;
+                    (from_ref(&text).cast(), sys::EVI_STR_VAL)
+                }
+            };
+            // SAFETY: our list; the core copies the int and the str (whose
+            // bytes, borrowed for 'a, outlive the list).
+            if unsafe { sys::evi_param_add(list.0, &name, value, flags as c_int) } != 0 {
+                return None;
+            }
+        }
+        Some(list)
+    }
+}
+
+impl Drop for PkgParams<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: ours, from evi_get_params, never raised, freed once.
+            unsafe { sys::evi_free_params(self.0) }
+        }
+    }
+}
+
 impl Published {
     pub const fn new() -> Published {
         Published(AtomicI32::new(-1))
@@ -308,29 +328,13 @@ impl Published {
     /// Raise it with `params`; false when not published, out of memory, or
     /// refused.  The core delivers it at once, under the event's lock
     /// (released around each subscriber): never from inside its delivery.
-    pub fn raise(&self, params: &[(&'static [u8], ParamValue<'_>)]) -> bool {
+    pub fn raise(&self, params: &[(&[u8], ParamValue<'_>)]) -> bool {
         let id = self.0.load(Ordering::Relaxed);
-        // SAFETY: no preconditions; null when out of memory.
-        let list = if id < 0 { null_mut() } else { unsafe { sys::evi_get_params() } };
-        for (name, value) in params.iter().filter(|_| !list.is_null()) {
-            let s = match value {
-                ParamValue::Str(s) => str::of(s).unwrap_or(str::EMPTY),
-                ParamValue::Int(_) => str::EMPTY,
-            };
-            let (value, flags) = match value {
-                ParamValue::Str(_) => (from_ref(&s).cast::<c_void>(), sys::EVI_STR_VAL),
-                ParamValue::Int(n) => (from_ref(n).cast(), sys::EVI_INT_VAL),
-            };
-            let name = str::of(name).unwrap_or(str::EMPTY);
-            // SAFETY: our list; the core copies the int and the strs, whose
-            // bytes (a static name, a value borrowed for the raise) outlive it.
-            if unsafe { sys::evi_param_add(list, &name, value, flags as c_int) } != 0 {
-                // SAFETY: ours, never raised, freed once.
-                unsafe { sys::evi_free_params(list) };
-                return false;
-            }
-        }
+        let Some(list) = (id >= 0).then(|| PkgParams::build(params)).flatten() else {
+            return false;
+        };
+        let list = std::mem::ManuallyDrop::new(list);
         // SAFETY: a published id and our list, which the raise frees.
-        !list.is_null() && unsafe { sys::evi_raise_event(id, list) } == 0
+        unsafe { sys::evi_raise_event(id, list.0) == 0 }
     }
 }
